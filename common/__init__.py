@@ -1,0 +1,1 @@
+"""Pieces every stage shares: the user-facing error type, the CLI wrapper, atomic file writes."""

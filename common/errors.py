@@ -1,0 +1,35 @@
+"""One error type for problems with the user's input, and the wrapper every script runs under.
+
+A `CoTexNetError` is something the user can fix (a missing file, a config typo): the script
+prints its message on one line and exits with status 2. Anything else is a bug and keeps its
+traceback. `--debug` on any script shows the traceback of a `CoTexNetError` too.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+class CoTexNetError(Exception):
+    """A problem with the user's input or environment, explained in one line."""
+
+
+def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
+    """Run a script's `main(argv)`, turning a `CoTexNetError` into one line on stderr and exit 2."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        main([a for a in args if a != "--debug"])
+    except CoTexNetError as err:
+        if debug:
+            raise
+        message = " ".join(str(err).split())
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
