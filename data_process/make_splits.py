@@ -1,0 +1,112 @@
+"""Split a dataset into train / val / test and record it in the split CSVs.
+
+    python data_process/make_splits.py --dataset-name kvasir --dataset-path data_process/kvasir
+
+pairs <dataset-path>/images with <dataset-path>/masks (as make_ROI_img.py does), shuffles the
+pairs with --seed and writes <out-dir>/train_data.csv, val_data.csv and test_data.csv, columns
+dataset,img_name,mask_name. Only this dataset's rows are replaced; rows of other datasets in
+the same files stay. Default ratios 0.8 0.1 0.1 (1000 images: 800/100/100).
+
+--from-list FILE takes a given split instead: a CSV with columns img_name,split
+(split = train, val or test), such as a published split.
+"""
+
+import sys, pathlib; sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])  # noqa: E401,E702,I001
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from common.errors import CoTexNetError, run_cli
+from common.io import atomic_path
+from data_process.registry import get_spec, pair_files
+
+SPLITS = ("train", "val", "test")
+COLUMNS = ["dataset", "img_name", "mask_name"]
+
+
+def split_pairs(pairs: list[tuple[str, str]], ratios=(0.8, 0.1, 0.1), seed: int = 666) -> dict[str, list]:
+    """Shuffle `pairs` (sorted first, so the file system's order does not matter) and cut by `ratios`."""
+    if len(ratios) != 3 or min(ratios) < 0 or sum(ratios) <= 0:
+        raise CoTexNetError(f"--ratios: three non-negative numbers for train val test, got {list(ratios)}")
+    pairs = sorted(pairs)
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    n_train = round(len(pairs) * ratios[0] / sum(ratios))
+    n_val = round(len(pairs) * ratios[1] / sum(ratios))
+    cuts = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
+    return {split: [pairs[i] for i in sorted(index)] for split, index in cuts.items()}
+
+
+def pairs_from_list(pairs: list[tuple[str, str]], list_csv: Path) -> dict[str, list]:
+    """The split of a given list (columns img_name, split); every listed image must have a mask."""
+    table = _read_csv(list_csv, ["img_name", "split"])
+    bad = sorted(set(table["split"]) - set(SPLITS))
+    if bad:
+        raise CoTexNetError(f"{list_csv}: split must be train, val or test, found {bad[:5]}")
+    mask_of = dict(pairs)
+    missing = [name for name in table["img_name"] if name not in mask_of]
+    if missing:
+        raise CoTexNetError(f"{list_csv}: {len(missing)} listed images have no image/mask pair, e.g. {missing[:5]}")
+    return {split: [(name, mask_of[name]) for name in table.loc[table["split"] == split, "img_name"]]
+            for split in SPLITS}
+
+
+def _read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise CoTexNetError(f"{path}: cannot read ({err})") from err
+    missing = [column for column in columns if column not in table.columns]
+    if missing:
+        raise CoTexNetError(f"{path}: missing columns {missing} (has {list(table.columns)})")
+    return table
+
+
+def merge_split(path: Path, dataset_name: str, pairs: list[tuple[str, str]]) -> pd.DataFrame:
+    """The rows of split file `path` with `dataset_name`'s rows replaced by `pairs`."""
+    rows = pd.DataFrame([(dataset_name, image, mask) for image, mask in pairs], columns=COLUMNS)
+    if not path.exists():
+        return rows
+    old = _read_csv(path, COLUMNS)[COLUMNS]
+    return pd.concat([old[old["dataset"] != dataset_name], rows], ignore_index=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset-name", required=True, help="name written in the CSVs' dataset column (registry name)")
+    parser.add_argument("--dataset-path", required=True, type=Path, help="dataset folder holding images/ and masks/")
+    parser.add_argument("--img-format", help="image extension, e.g. .jpg (default: the registry's, else any image)")
+    parser.add_argument("--mask-format", help="mask extension, e.g. .png (default: the registry's, else any image)")
+    parser.add_argument("--ratios", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"),
+                        help="split fractions, normalised to sum 1 (default: 0.8 0.1 0.1)")
+    parser.add_argument("--seed", type=int, default=666, help="shuffle seed (default: 666, the paper's seed)")
+    parser.add_argument("--from-list", type=Path, help="CSV with columns img_name,split to use instead of shuffling")
+    parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent,
+                        help="folder of the split CSVs (default: data_process/)")
+    args = parser.parse_args(argv)
+
+    fmt = [None if ext is None else "." + ext.lstrip(".") for ext in (args.img_format, args.mask_format)]
+    pairing = pair_files(args.dataset_path, get_spec(args.dataset_name), *fmt)
+    if not pairing.pairs:
+        raise CoTexNetError(f"{args.dataset_path}: no image/mask pairs found")
+    if pairing.images_without_mask or pairing.masks_without_image:
+        print(f"warning: left out {len(pairing.images_without_mask)} images without mask and "
+              f"{len(pairing.masks_without_image)} masks without image", file=sys.stderr)
+    if args.from_list:
+        splits = pairs_from_list(pairing.pairs, args.from_list)
+    else:
+        splits = split_pairs(pairing.pairs, args.ratios, args.seed)
+    # read (and check) all three files before writing any
+    paths = [args.out_dir / f"{split}_data.csv" for split in SPLITS]
+    tables = [merge_split(path, args.dataset_name, splits[split]) for path, split in zip(paths, SPLITS)]
+    for path, table in zip(paths, tables):
+        with atomic_path(path) as tmp:
+            table.to_csv(tmp, index=False)
+    counts = "/".join(str(len(splits[split])) for split in SPLITS)
+    print(f"{args.dataset_name}: {counts} train/val/test pairs written to {args.out_dir}/{{train,val,test}}_data.csv")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,99 @@
+"""The torch Dataset of METHOD.md: image, label map, ROI tensor, tokenised text prompt, names.
+
+    split = read_split("data_process/train_data.csv", "kvasir")
+    data = SegDataset("data_process", "kvasir", split, get_spec("kvasir"), train_transform(),
+                      tokenizer, prompts=load_prompts(text_csv, spec))
+    loader = DataLoader(data, batch_size=16, collate_fn=collate)
+
+Prompts are tokenised once here, not per item. Without prompts (evaluation, prediction)
+items carry no text.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+
+import pandas as pd
+import torch
+from torchvision import tv_tensors
+
+from common.errors import CoTexNetError
+from data_process.registry import DatasetSpec, read_image, read_mask
+
+SPLIT_COLUMNS = ["dataset", "img_name", "mask_name"]
+SHOW = 5  # names listed in errors
+
+
+def read_split(csv_path, dataset_name: str) -> pd.DataFrame:
+    """The rows of split CSV `csv_path` for `dataset_name` (columns dataset, img_name, mask_name)."""
+    csv_path = Path(csv_path)
+    try:
+        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except FileNotFoundError as err:
+        raise CoTexNetError(f"{csv_path}: no such split file (make it with data_process/make_splits.py)") from err
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise CoTexNetError(f"{csv_path}: cannot read ({err})") from err
+    missing = [column for column in SPLIT_COLUMNS if column not in table.columns]
+    if missing:
+        raise CoTexNetError(f"{csv_path}: missing columns {missing} (has {list(table.columns)})")
+    rows = table[table["dataset"] == dataset_name].reset_index(drop=True)
+    if rows.empty:
+        held = sorted(set(table["dataset"]))
+        raise CoTexNetError(f"{csv_path}: no rows for dataset {dataset_name!r}; it holds {held or 'no rows at all'}")
+    return rows
+
+
+def _stem(name: str) -> str:
+    return str(PurePosixPath(name).with_suffix(""))
+
+
+class SegDataset(torch.utils.data.Dataset):
+    def __init__(self, root, dataset_name: str, split_df: pd.DataFrame, spec: DatasetSpec, transform,
+                 tokenizer=None, prompts: dict[str, str] | None = None, max_length: int = 77):
+        self.folder = Path(root) / dataset_name
+        self.rows = list(zip(split_df["img_name"], split_df["mask_name"]))
+        self.spec, self.transform = spec, transform
+        self.tokens = None
+        if prompts is not None:
+            if tokenizer is None:
+                raise ValueError("SegDataset: prompts given without a tokenizer")
+            missing = [image for image, _ in self.rows if _stem(image) not in prompts]
+            if missing:
+                raise CoTexNetError(f"text prompts of {dataset_name}: {len(missing)} of {len(self.rows)} images have "
+                                    f"none, e.g. {missing[:SHOW]} (run get_text.py for them)")
+            texts = [prompts[_stem(image)] for image, _ in self.rows]
+            self.tokens = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        image_name, mask_name = self.rows[index]
+        image = read_image(self.folder / "images" / image_name)
+        h, w = image.shape[:2]
+        label = read_mask(self.folder / "masks" / mask_name, self.spec, size=(w, h))
+        pixels, label = self.transform(tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1)),
+                                       tv_tensors.Mask(torch.from_numpy(label)))
+        pixels, label = pixels.as_subclass(torch.Tensor), label.as_subclass(torch.Tensor).long()
+        item = dict(pixel_values=pixels, label=label, roi_pixel_values=pixels * (label > 0),
+                    name=image_name, orig_size=(h, w))
+        if self.tokens is not None:
+            ids = torch.tensor(self.tokens[index], dtype=torch.long)
+            item.update(input_ids=ids, attention_mask=torch.ones_like(ids))
+        return item
+
+
+def collate(batch: list[dict], pad_id: int = 49407, min_length: int = 6) -> dict:
+    """Stack the tensors; pad input_ids (with `pad_id`) and attention_mask (0) to the longest prompt,
+    at least `min_length` tokens (the ROI pseudo-token goes to position 5)."""
+    out = {key: torch.stack([item[key] for item in batch]) for key in ("pixel_values", "label", "roi_pixel_values")}
+    out.update(name=[item["name"] for item in batch], orig_size=[item["orig_size"] for item in batch])
+    if "input_ids" in batch[0]:
+        length = max(min_length, *(len(item["input_ids"]) for item in batch))
+        ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(batch), length), dtype=torch.long)
+        for row, item in enumerate(batch):
+            ids[row, : len(item["input_ids"])] = item["input_ids"]
+            attention[row, : len(item["input_ids"])] = 1
+        out.update(input_ids=ids, attention_mask=attention)
+    return out

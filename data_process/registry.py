@@ -1,0 +1,200 @@
+"""The dataset registry: names, file formats, mask decoding and image/mask pairing.
+
+Every dataset quirk is an entry of `dataset_config/datasets.yaml`; the stages ask this module
+(`get_spec`, `read_image`, `read_mask`, `pair_files`) instead of testing dataset names.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import cv2
+import numpy as np
+import yaml
+from PIL import Image
+
+from common.errors import CoTexNetError
+
+REGISTRY_FILE = Path(__file__).resolve().parents[1] / "dataset_config" / "datasets.yaml"
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp")
+CATEGORY_SEP = "__"  # ROI of one category: "<stem>__<category>.jpg"
+# Pillow modes numpy cannot take as they are: bits, gray + alpha, 16-bit variants.
+_PLAIN_MODES = {"1": "L", "LA": "L", "I;16": "I", "I;16L": "I", "I;16B": "I", "I;16N": "I"}
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    keyword: str
+    image_ext: str
+    mask_ext: str
+    mask_encoding: str
+    mask_suffix: str = ""
+    mask_prefix: str = ""
+    categories: tuple[str, ...] = ()
+
+    @property
+    def num_classes(self) -> int:
+        """Classes the model predicts, background counted."""
+        return len(self.categories) + 1 if self.categories else 2
+
+
+@functools.cache
+def _registry() -> dict:
+    try:
+        return yaml.safe_load(REGISTRY_FILE.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise CoTexNetError(f"{REGISTRY_FILE}: cannot read the dataset registry ({err})") from err
+
+
+def known_datasets() -> list[str]:
+    return list(_registry()["datasets"])
+
+
+def get_spec(name: str, keyword: str | None = None) -> DatasetSpec:
+    """The spec of dataset `name` (case ignored); an unknown name gets the defaults.
+
+    `keyword` replaces the registry's keyword; for a multi-class dataset a comma-separated
+    list replaces the category keywords ("lv area, myo area, la area").
+    """
+    registry = _registry()
+    entries = {key.lower(): value for key, value in registry["datasets"].items()}
+    fields = {**registry["defaults"], **(entries.get(name.lower()) or {})}
+    fields["categories"] = tuple(fields.get("categories") or ())
+    if keyword:
+        words = tuple(word.strip() for word in keyword.split(","))
+        if fields["categories"]:
+            if len(words) != len(fields["categories"]):
+                raise CoTexNetError(f"--keyword: {name} has {len(fields['categories'])} categories, "
+                                    f"got {len(words)} comma-separated keywords")
+            fields["categories"] = words
+        else:
+            fields["keyword"] = keyword.strip()
+    unknown = set(fields) - set(DatasetSpec.__dataclass_fields__)
+    if unknown:
+        raise CoTexNetError(f"{REGISTRY_FILE}: {name}: unknown keys {sorted(unknown)}")
+    if fields["mask_encoding"] not in ("binary", "labelmap"):
+        raise CoTexNetError(f"{REGISTRY_FILE}: {name}: mask_encoding must be binary or labelmap")
+    fields = {key: ("" if value is None else value) for key, value in fields.items()}
+    return DatasetSpec(name=name, **fields)
+
+
+def _decode(path, palette_as_rgb: bool) -> np.ndarray:
+    """The pixel array of an image file; palettes stay indices unless `palette_as_rgb`."""
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode now: a truncated file fails here, naming itself
+            mode = _PLAIN_MODES.get(image.mode, image.mode)
+            if palette_as_rgb and mode not in ("L", "RGB", "RGBA", "I", "F"):
+                mode = "RGB"
+            if mode != image.mode:
+                image = image.convert(mode)
+            return np.array(image)  # a writable copy (torch.from_numpy needs one)
+    except FileNotFoundError as err:
+        raise CoTexNetError(f"{path}: no such file") from err
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise CoTexNetError(f"{path}: unreadable or truncated image ({err})") from err
+
+
+def read_image(path) -> np.ndarray:
+    """HxWx3 uint8 RGB from any common format: gray, palette, RGBA (alpha dropped), 16-bit."""
+    array = _decode(path, palette_as_rgb=True)
+    if array.dtype != np.uint8:
+        # 16-bit and float images often fill only part of their range (12-bit scanners): stretch.
+        array = array.astype(np.float32) * (255.0 / max(float(array.max()), 1.0))
+        array = np.clip(array, 0, 255).astype(np.uint8)
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(array[:, :, :3])
+
+
+def read_mask(path, spec: DatasetSpec, size: tuple[int, int] | None = None) -> np.ndarray:
+    """HxW uint8 label map (0 background, 1..K); binary masks give {0, 1}; `size` = (w, h)."""
+    array = _decode(path, palette_as_rgb=False)
+    if spec.mask_encoding == "labelmap":
+        label = array if array.ndim == 2 else array[:, :, 0]
+        label = _check_labels(label, spec, path)
+    else:
+        value = array if array.ndim == 2 else array[:, :, :3].max(axis=2)  # colour masks: brightest channel
+        threshold = 128 if value.max() >= 128 else 1  # 0/255 (+ JPEG artefacts) vs 0/1 or instance ids
+        label = (value >= threshold).astype(np.uint8)
+    if size is not None and (label.shape[1], label.shape[0]) != tuple(size):
+        label = cv2.resize(label, tuple(size), interpolation=cv2.INTER_NEAREST)
+    return label
+
+
+def _check_labels(label: np.ndarray, spec: DatasetSpec, path) -> np.ndarray:
+    k = len(spec.categories)
+    values = np.unique(label)
+    if values.max() <= k:
+        return label.astype(np.uint8)
+    scaled = np.round(np.arange(k + 1) * 255 / k)  # label maps saved for viewing: 0, 85, 170, 255
+    if k and np.isin(values, scaled).all():
+        return np.searchsorted(scaled, label).astype(np.uint8)
+    raise CoTexNetError(f"{path}: label map has values {values[:8].tolist()}, expected 0..{k} "
+                        f"(categories of {spec.name}: {', '.join(spec.categories) or 'none'})")
+
+
+def image_stem(mask_name: str, spec: DatasetSpec) -> str:
+    """The stem of the image a mask belongs to ("sub/ISIC_1_Segmentation.png" -> "sub/ISIC_1")."""
+    path = PurePosixPath(mask_name)
+    stem = path.name[: -len(path.suffix)] if path.suffix else path.name
+    if spec.mask_prefix and stem.startswith(spec.mask_prefix):
+        stem = stem[len(spec.mask_prefix):]
+    if spec.mask_suffix and stem.lower().endswith(spec.mask_suffix.lower()):
+        stem = stem[: -len(spec.mask_suffix)]
+    return str(path.parent / stem) if str(path.parent) != "." else stem
+
+
+def roi_name(stem: str, category: str | None = None) -> str:
+    return f"{stem}{CATEGORY_SEP}{category}.jpg" if category else f"{stem}.jpg"
+
+
+def parse_roi_name(name: str) -> tuple[str, str | None]:
+    """Inverse of `roi_name`: (image stem, category or None)."""
+    stem = name[: -len(".jpg")] if name.lower().endswith(".jpg") else name
+    if CATEGORY_SEP in PurePosixPath(stem).name:
+        stem, category = stem.rsplit(CATEGORY_SEP, 1)
+        return stem, category
+    return stem, None
+
+
+@dataclass
+class Pairing:
+    pairs: list[tuple[str, str]]        # (image name, mask name), relative to images/ and masks/
+    masks_without_image: list[str]
+    images_without_mask: list[str]
+
+
+def _list_images(folder: Path, ext: str) -> list[str]:
+    if not folder.is_dir():
+        raise CoTexNetError(f"{folder}: no such folder")
+    exts = (ext.lower(),) if ext else IMAGE_EXTS
+    return sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*")
+                  if path.suffix.lower() in exts and not path.name.startswith(".") and path.is_file())
+
+
+def pair_files(dataset_dir, spec: DatasetSpec, image_ext: str | None = None,
+               mask_ext: str | None = None) -> Pairing:
+    """Match `<dataset_dir>/masks/*` to `<dataset_dir>/images/*` by stem (extensions: case ignored)."""
+    dataset_dir = Path(dataset_dir)
+    images = _list_images(dataset_dir / "images", spec.image_ext if image_ext is None else image_ext)
+    masks = _list_images(dataset_dir / "masks", spec.mask_ext if mask_ext is None else mask_ext)
+    by_stem: dict[str, str] = {}
+    for name in images:
+        stem = str(PurePosixPath(name).with_suffix(""))
+        if stem in by_stem:
+            raise CoTexNetError(f"{dataset_dir / 'images' / name}: two images with stem {stem!r} "
+                                f"({by_stem[stem]}); pass --img-format")
+        by_stem[stem] = name
+    pairs, orphans = [], []
+    for mask in masks:
+        image = by_stem.get(image_stem(mask, spec))
+        if image is None:
+            orphans.append(mask)
+        else:
+            pairs.append((image, mask))
+    paired = {image for image, _ in pairs}
+    return Pairing(pairs, orphans, [name for name in images if name not in paired])
