@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 
 $(VENV)/.installed: requirement.txt
 	test -x $(PYTHON) || python3 -m venv $(VENV)
-	$(PYTHON) -m pip install --upgrade -r requirement.txt
+	$(PYTHON) -m pip install -r requirement.txt
 	touch $@
 
 test: $(VENV)/.installed

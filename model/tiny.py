@@ -94,3 +94,56 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def save_tiny_llava(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a random tiny LLaVA-1.5 in the llava-hf layout (model, tokenizer, processor).
+
+    A CLIP vision tower (hidden 32, 2 layers, 32x32 images, 8x8 patches: 16 image tokens) and a
+    Llama (hidden 32, 2 layers) with a byte-level BPE tokenizer trained here on a few sentences
+    of the stage-2 vocabulary, so any text is encodable and xgrammar sees a real BPE vocabulary.
+    `get_text.py` loads the folder exactly as it loads `llava-hf/llava-1.5-13b-hf`.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+
+    from llava_inference.attributes import VOCABULARIES
+    from llava_inference.llava_model import CHAT_TEMPLATE, question
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    words = " ".join(w for vocabulary in VOCABULARIES.values() for w in vocabulary)
+    corpus = [question("polyp area"), question("tumor area"), words, '{"number": 1, "location": "center"}'] * 4
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=600, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bpe.token_to_id("<s>"))])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", padding_side="left")
+    ids = {token: bpe.token_to_id(token) for token in specials}
+
+    image_size, patch = 32, 8
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                       image_size=image_size, patch_size=patch, projection_dim=32),
+        text_config=LlamaConfig(vocab_size=bpe.get_vocab_size(), hidden_size=32, intermediate_size=64,
+                                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                max_position_embeddings=2048, bos_token_id=ids["<s>"], eos_token_id=ids["</s>"],
+                                pad_token_id=ids["<pad>"]),
+        image_token_index=ids["<image>"], image_seq_length=(image_size // patch) ** 2,
+        vision_feature_layer=-2, vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.generation_config.update(bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"])
+    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                         crop_size={"height": image_size, "width": image_size})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=CHAT_TEMPLATE)  # +1: the CLS token, dropped by "default"
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
