@@ -15,6 +15,9 @@ from typing import Iterator
 
 from common.errors import CoTexNetError
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -27,6 +30,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise CoTexNetError(f"{path.parent}: cannot write here ({err.strerror})") from err
     os.close(fd)
     tmp = Path(tmp)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs should be as readable as any file
     try:
         yield tmp
         os.replace(tmp, path)

@@ -1,0 +1,208 @@
+"""CoTexNet: CLIPSeg conditioned on a conceptual text prompt that carries an ROI pseudo-token.
+
+Built from the stock `transformers` CLIPSeg modules (no forked library code):
+
+- one frozen CLIP vision encoder for the query image and its ROI image (one batched call);
+- the ROI's CLS token, mapped to the text width, replaces the input embedding (token and
+  position) at `roi_position` of the prompt; the frozen text encoder then gives
+  T = sigmoid(text projection at the first end-of-text token), and gradients reach the mapper
+  through it;
+- "Img2text" maps the image's CLS token to a pseudo text embedding I;
+- training: cond = (1 - a) T + a I; evaluation: cond = I (no text, no ROI, no text encoder);
+  then cond * v + m feeds the FiLM decoder, which returns logits (1 map, or `num_classes`).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import CLIPSegForImageSegmentation
+from transformers.masking_utils import create_causal_mask
+
+from common.errors import CoTexNetError
+
+
+@dataclass
+class CoTexNetOutput:
+    logits: torch.Tensor  # (B, C, H, W); C = 1 for binary, else num_classes
+    img_embedding: torch.Tensor  # I (B, P)
+    text_embedding: torch.Tensor | None  # T (B, P), detached; None on the evaluation path
+    decoder_condition: torch.Tensor  # what FiLM receives (B, P)
+
+
+class Img2Text(nn.Module):
+    """CLS token -> pseudo text embedding: [Linear, ReLU] x 2 -> Linear -> sigmoid -> sigmoid.
+
+    The paper applies the sigmoid twice (once in this module, once in the model); we keep it so
+    that its checkpoints compute the same function. Module names follow the paper's.
+    """
+
+    def __init__(self, vision_dim: int, projection_dim: int):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(vision_dim, vision_dim), nn.ReLU()) for _ in range(2))
+        self.fc_out = nn.Linear(vision_dim, projection_dim)
+
+    def forward(self, cls: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            cls = layer(cls)
+        return torch.sigmoid(torch.sigmoid(self.fc_out(cls)))
+
+
+def _load_clipseg(clipseg, attn_implementation: str | None) -> tuple[CLIPSegForImageSegmentation, str | None]:
+    """A CLIPSeg instance and the name it was loaded from (None for an in-memory model)."""
+    if isinstance(clipseg, CLIPSegForImageSegmentation):
+        if attn_implementation is not None:
+            clipseg.set_attn_implementation(attn_implementation)
+        model, name = clipseg, clipseg.config.name_or_path or None
+    else:
+        name = str(clipseg)
+        local = Path(name)
+        if not local.is_dir() and (local.is_absolute() or name.startswith(".") or local.exists()):
+            raise CoTexNetError(f"{name}: no such CLIPSeg folder")
+        try:
+            # float32 whatever the stored dtype: training runs under AMP, parity needs float32.
+            model = CLIPSegForImageSegmentation.from_pretrained(
+                name, dtype=torch.float32, attn_implementation=attn_implementation)
+        except (OSError, ValueError) as err:
+            raise CoTexNetError(f"{name}: cannot load a CLIPSeg model from it ({str(err).splitlines()[0]})") from err
+    # An absolute path for local folders, so that a checkpoint finds its base from anywhere.
+    if name is not None and Path(name).is_dir():
+        name = str(Path(name).resolve())
+    return model, name
+
+
+class CoTexNet(nn.Module):
+    def __init__(self, clipseg: CLIPSegForImageSegmentation, num_classes: int = 2, roi_position: int = 5,
+                 clipseg_hf_api: str | None = None, freeze_encoder: bool = True, freeze_decoder: bool = False):
+        super().__init__()
+        if num_classes < 2:
+            raise CoTexNetError(f"num_classes: {num_classes} (need 2 for binary, or the classes + background)")
+        config = clipseg.config
+        if not 1 <= roi_position < config.text_config.max_position_embeddings:
+            raise CoTexNetError(f"roi_position: {roi_position} is outside the text sequence")
+        self.num_classes = num_classes
+        self.roi_position = roi_position
+        self.clipseg_hf_api = clipseg_hf_api
+        self.extract_layers = list(config.extract_layers)
+        # The CLIP is shared with the given CLIPSeg (frozen, 150 M parameters: no copy); the
+        # decoder is copied because it trains and may get a new head.
+        self.clip = clipseg.clip
+        self.decoder = copy.deepcopy(clipseg.decoder)
+        if num_classes > 2:
+            self._replace_head(num_classes)
+        vision_dim, text_dim = config.vision_config.hidden_size, config.text_config.hidden_size
+        self.roi_mapper = nn.Sequential(nn.Linear(vision_dim, text_dim), nn.GELU(), nn.Linear(text_dim, text_dim),
+                                        nn.LayerNorm(text_dim))
+        self.img2text = Img2Text(vision_dim, config.projection_dim)
+        # The paper's initial values: mixing weight a, "inverse z-score" v and m.
+        self.alpha = nn.Parameter(torch.tensor([0.2]))
+        self.var = nn.Parameter(torch.tensor([1.0]))
+        self.mean = nn.Parameter(torch.tensor([-0.002]))
+        self.set_frozen(freeze_encoder, freeze_decoder)
+
+    @classmethod
+    def from_clipseg(cls, clipseg, num_classes: int = 2, roi_position: int = 5, *, freeze_encoder: bool = True,
+                     freeze_decoder: bool = False, attn_implementation: str | None = "sdpa") -> CoTexNet:
+        """From a CLIPSeg folder or hub id (`clipseg_hf_api`), or a `CLIPSegForImageSegmentation`,
+        whose CLIP the model then shares (its attention implementation is set to ours)."""
+        model, name = _load_clipseg(clipseg, attn_implementation)
+        return cls(model, num_classes, roi_position, name, freeze_encoder, freeze_decoder)
+
+    def _replace_head(self, num_classes: int) -> None:
+        # The paper's multi-class head: the last transposed convolution outputs one map per
+        # class, Xavier-normal weights and zero bias.
+        conv = self.decoder.transposed_convolution
+        last = conv[-1] if isinstance(conv, nn.Sequential) else conv
+        head = nn.ConvTranspose2d(last.in_channels, num_classes, last.kernel_size, last.stride)
+        nn.init.xavier_normal_(head.weight)
+        nn.init.zeros_(head.bias)
+        if isinstance(conv, nn.Sequential):
+            conv[-1] = head
+        else:
+            self.decoder.transposed_convolution = head
+
+    def set_frozen(self, encoder: bool = True, decoder: bool = False) -> None:
+        """Freeze the CLIP encoders (the paper's setting) and/or the decoder."""
+        self.freeze_encoder, self.freeze_decoder = encoder, decoder
+        self.clip.requires_grad_(not encoder)
+        self.decoder.requires_grad_(not decoder)
+
+    @property
+    def config(self) -> dict:
+        return dict(num_classes=self.num_classes, roi_position=self.roi_position,
+                    clipseg_hf_api=self.clipseg_hf_api, freeze_encoder=self.freeze_encoder,
+                    freeze_decoder=self.freeze_decoder)
+
+    # --- vision -------------------------------------------------------------------------
+    def encode_images(self, pixel_values: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Extract-layer activations (for the decoder) and the CLS token of the last hidden
+        state before the post layer norm (B, Hv). No graph is kept while the encoder is frozen."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
+            out = self.clip.vision_model(pixel_values, output_hidden_states=True)
+        # hidden_states[0] is the embedding output, so layer i's output is at i + 1.
+        return [out.hidden_states[i + 1] for i in self.extract_layers], out.last_hidden_state[:, 0]
+
+    def extract_features(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What the evaluation path needs from the frozen encoder, batch first, for a cache."""
+        activations, cls = self.encode_images(pixel_values)
+        return {"activations": torch.stack(activations, dim=1), "vision_cls": cls}
+
+    # --- text ---------------------------------------------------------------------------
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      roi_embedding: torch.Tensor | None = None) -> torch.Tensor:
+        """Text projection (before sigmoid) at the first end-of-text token; `roi_embedding`
+        (B, Ht), when given, replaces the whole input embedding at `roi_position`."""
+        if input_ids.shape[1] <= self.roi_position:
+            raise CoTexNetError(f"input_ids: length {input_ids.shape[1]} leaves no room for the ROI token "
+                                f"at position {self.roi_position}")
+        text = self.clip.text_model
+        embeds = text.embeddings(input_ids=input_ids)
+        if roi_embedding is not None:
+            p = self.roi_position
+            embeds = torch.cat([embeds[:, :p], roi_embedding[:, None].to(embeds.dtype), embeds[:, p + 1:]], dim=1)
+        mask = create_causal_mask(config=text.config, inputs_embeds=embeds, attention_mask=attention_mask, cache=None)
+        hidden = text.encoder(inputs_embeds=embeds, attention_mask=mask, is_causal=True).last_hidden_state
+        hidden = text.final_layer_norm(hidden)
+        # The pooling rule of transformers' CLIPSegTextModel: configs from before its eos fix
+        # (eos id 2) pool at the highest id, the others at the first eos.
+        if text.eos_token_id == 2:
+            eos = input_ids.argmax(dim=-1)
+        else:
+            eos = (input_ids == text.eos_token_id).int().argmax(dim=-1)
+        return self.clip.text_projection(hidden[torch.arange(hidden.shape[0], device=hidden.device), eos])
+
+    # --- forward ------------------------------------------------------------------------
+    def forward(self, pixel_values: torch.Tensor, roi_pixel_values: torch.Tensor | None = None,
+                input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> CoTexNetOutput:
+        """With a prompt: the training path (a-mix of T and I). Images only: the evaluation path."""
+        if input_ids is None:
+            if roi_pixel_values is not None:
+                raise CoTexNetError("roi_pixel_values given without input_ids: the ROI token needs a prompt")
+            return self.forward_features(self.extract_features(pixel_values))
+        batch = pixel_values.shape[0]
+        images = pixel_values if roi_pixel_values is None else torch.cat([pixel_values, roi_pixel_values])
+        activations, cls = self.encode_images(images)
+        roi_embedding = None if roi_pixel_values is None else self.roi_mapper(cls[batch:])
+        text_embedding = torch.sigmoid(self.text_features(input_ids, attention_mask, roi_embedding))
+        img_embedding = self.img2text(cls[:batch])
+        cond = (1 - self.alpha) * text_embedding + self.alpha * img_embedding
+        return self._decode([a[:batch] for a in activations], cond, img_embedding, text_embedding.detach())
+
+    def forward_features(self, features: dict[str, torch.Tensor]) -> CoTexNetOutput:
+        """The evaluation path from `extract_features` output: cond = I, no text encoder.
+        A cache may hold the features in a lower precision: they are cast to the decoder's."""
+        dtype = self.decoder.film_mul.weight.dtype
+        img_embedding = self.img2text(features["vision_cls"].to(dtype))
+        activations = list(features["activations"].to(dtype).unbind(dim=1))
+        return self._decode(activations, img_embedding, img_embedding, None)
+
+    def _decode(self, activations, cond, img_embedding, text_embedding) -> CoTexNetOutput:
+        condition = cond * self.var + self.mean
+        logits = self.decoder(activations, condition).logits
+        if logits.dim() == 3:  # the stock decoder squeezes the single binary map
+            logits = logits.unsqueeze(1)
+        return CoTexNetOutput(logits, img_embedding, text_embedding, condition)
