@@ -4,9 +4,11 @@
 
 reads <dataset-path>/images/* and <dataset-path>/masks/*, pairs them by stem (the dataset's
 quirks, such as ISIC's "_Segmentation" suffix, come from dataset_config/datasets.yaml) and
-writes <dataset-path>/ROIs/<stem>.jpg. Multi-class datasets (label-map masks) get one ROI per
-image and category: ROIs/<stem>__<category>.jpg. Masks of another size than their image are
-resized to it (nearest neighbour).
+writes <dataset-path>/ROIs/<stem>.jpg. Multi-class datasets get one ROI per image and
+category, ROIs/<stem>__<category>.jpg, from label-map masks (masks/<name>) or, with
+mask_layout per_category in the registry, from one binary mask per category
+(masks/<k or keyword>/<name>, each used as it is). Masks of another size than their image are
+resized to it (nearest neighbour). Images may be 8- or 16-bit, gray, palette, RGB or RGBA.
 
 ROIs already there are skipped unless --overwrite. A mask without an image stops the run
 before anything is written; images without a mask are listed and left out; an empty mask
@@ -25,27 +27,31 @@ from tqdm import tqdm
 
 from common.errors import CoTexNetError, run_cli
 from common.io import atomic_path
-from data_process.registry import DatasetSpec, get_spec, known_datasets, pair_files, read_image, read_mask, roi_name
+from data_process.registry import (
+    DatasetSpec,
+    category_masks,
+    get_spec,
+    known_datasets,
+    pair_files,
+    read_image,
+    roi_name,
+)
 
 JPEG_QUALITY = 95
-SHOW = 5  # names listed in warnings
 
 
-def roi_paths(rois_dir: Path, image_name: str, spec: DatasetSpec) -> list[tuple[int, Path]]:
-    """(label value, ROI path) for each ROI of one image: one, or one per category."""
+def roi_paths(rois_dir: Path, image_name: str, spec: DatasetSpec) -> list[Path]:
+    """The ROI path of one image, or one per category (in category order)."""
     stem = str(Path(image_name).with_suffix(""))
-    if spec.categories:
-        return [(k, rois_dir / roi_name(stem, category)) for k, category in enumerate(spec.categories, start=1)]
-    return [(1, rois_dir / roi_name(stem))]
+    return [rois_dir / roi_name(stem, category) for category in spec.categories or (None,)]
 
 
-def make_rois(image_path: Path, mask_path: Path, spec: DatasetSpec, outputs: list[tuple[int, Path]]) -> int:
+def make_rois(image_path: Path, mask_path: Path, spec: DatasetSpec, outputs: list[Path]) -> int:
     """Write the ROIs of one image; returns how many came out all black (empty mask or category)."""
     image = read_image(image_path)
-    label = read_mask(mask_path, spec, size=(image.shape[1], image.shape[0]))
+    masks = category_masks(mask_path, spec, size=(image.shape[1], image.shape[0]))
     empty = 0
-    for value, out in outputs:
-        inside = label == value
+    for inside, out in zip(masks, outputs, strict=True):
         empty += not inside.any()
         roi = cv2.cvtColor(image * inside[:, :, None], cv2.COLOR_RGB2BGR)
         with atomic_path(out) as tmp:
@@ -56,10 +62,6 @@ def make_rois(image_path: Path, mask_path: Path, spec: DatasetSpec, outputs: lis
 
 def _run_one(job) -> int:
     return make_rois(*job)
-
-
-def _listing(names: list[str]) -> str:
-    return ", ".join(names[:SHOW]) + (f" ... ({len(names) - SHOW} more)" if len(names) > SHOW else "")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,36 +81,28 @@ def main(argv: list[str] | None = None) -> None:
     dataset = args.dataset_path
     fmt = [None if ext is None else "." + ext.lstrip(".") for ext in (args.img_format, args.mask_format)]
     pairing = pair_files(dataset, spec, *fmt)
-    if pairing.masks_without_image:
-        orphan = dataset / "masks" / pairing.masks_without_image[0]
-        more = len(pairing.masks_without_image) - 1
-        raise CoTexNetError(f"{orphan}: no image with its stem in {dataset / 'images'}"
-                            + (f" (and {more} more masks without image)" if more else "")
-                            + "; nothing written")
-    if not pairing.pairs:
-        raise CoTexNetError(f"{dataset / 'masks'}: no masks found")
-    if pairing.images_without_mask:
-        print(f"warning: {len(pairing.images_without_mask)} images without mask, left out: "
-              f"{_listing(pairing.images_without_mask)}", file=sys.stderr)
+    pairing.check(dataset, spec)
 
     jobs, skipped = [], 0
     for image, mask in pairing.pairs:
         outputs = roi_paths(dataset / "ROIs", image, spec)
-        if not args.overwrite and all(out.exists() for _, out in outputs):
+        if not args.overwrite and all(out.exists() for out in outputs):
             skipped += 1
             continue
         jobs.append((dataset / "images" / image, dataset / "masks" / mask, spec, outputs))
 
     cv2.setNumThreads(1)  # parallelism comes from the processes
-    bar = dict(total=len(jobs), desc=f"ROIs {spec.name}", unit="img")
-    if args.workers > 1 and len(jobs) > 1:
-        pool = ProcessPoolExecutor(args.workers)
-        try:
-            empties = list(tqdm(pool.map(_run_one, jobs, chunksize=4), **bar))
-        finally:
+    pool = ProcessPoolExecutor(args.workers) if args.workers > 1 and len(jobs) > 1 else None
+    empties = []
+    try:
+        # closed before an error propagates, so that the error stays the last line
+        with tqdm(total=len(jobs), desc=f"ROIs {spec.name}", unit="img") as bar:
+            for empty in pool.map(_run_one, jobs, chunksize=4) if pool else map(_run_one, jobs):
+                empties.append(empty)
+                bar.update()
+    finally:
+        if pool:
             pool.shutdown(cancel_futures=True)  # on a bad file: stop at once, not after the queue
-    else:
-        empties = [_run_one(job) for job in tqdm(jobs, **bar)]
     print(f"{spec.name}: {len(jobs)} images done, {skipped} skipped (ROIs already there), "
           f"{sum(empties)} empty ROIs (all black, kept), {len(pairing.images_without_mask)} images without mask; "
           f"ROIs in {dataset / 'ROIs'}")

@@ -7,6 +7,11 @@ pairs with --seed and writes <out-dir>/train_data.csv, val_data.csv and test_dat
 dataset,img_name,mask_name. Only this dataset's rows are replaced; rows of other datasets in
 the same files stay. Default ratios 0.8 0.1 0.1 (1000 images: 800/100/100).
 
+mask_name is relative to <dataset-path>/masks; for a dataset with one mask per category
+(mask_layout per_category in dataset_config/datasets.yaml) it is the name the masks share in
+masks/<k or keyword>/. A mask without an image stops the run (nothing written); images
+without a mask are listed and left out.
+
 --from-list FILE takes a given split instead: a CSV with columns img_name,split
 (split = train, val or test), such as a published split.
 """
@@ -88,20 +93,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     fmt = [None if ext is None else "." + ext.lstrip(".") for ext in (args.img_format, args.mask_format)]
-    pairing = pair_files(args.dataset_path, get_spec(args.dataset_name), *fmt)
-    if not pairing.pairs:
-        raise CoTexNetError(f"{args.dataset_path}: no image/mask pairs found")
-    if pairing.images_without_mask or pairing.masks_without_image:
-        print(f"warning: left out {len(pairing.images_without_mask)} images without mask and "
-              f"{len(pairing.masks_without_image)} masks without image", file=sys.stderr)
+    spec = get_spec(args.dataset_name)
+    pairing = pair_files(args.dataset_path, spec, *fmt)
+    pairing.check(args.dataset_path, spec)
     if args.from_list:
         splits = pairs_from_list(pairing.pairs, args.from_list)
     else:
         splits = split_pairs(pairing.pairs, args.ratios, args.seed)
     # read (and check) all three files before writing any
     paths = [args.out_dir / f"{split}_data.csv" for split in SPLITS]
-    tables = [merge_split(path, args.dataset_name, splits[split]) for path, split in zip(paths, SPLITS)]
-    for path, table in zip(paths, tables):
+    tables = [merge_split(path, args.dataset_name, splits[split]) for path, split in zip(paths, SPLITS, strict=True)]
+    for path, table in zip(paths, tables, strict=True):
         with atomic_path(path) as tmp:
             table.to_csv(tmp, index=False)
     counts = "/".join(str(len(splits[split])) for split in SPLITS)

@@ -6,6 +6,9 @@
 <root>/<name>/masks/syn_0000.jpg ...    0/255 masks: JPEG (with real JPEG artefacts) or PNG;
                                          --multiclass: PNG label maps, 1 = "polyp area" (warm
                                          colours), 2 = "lesion area" (cyan)
+<root>/<name>/masks/<k>/syn_0000.png    --per-category-masks: the same two categories, one 0/255
+                                         mask per image and category k = 1, 2 (registry:
+                                         synthetic_percategory, mask_layout per_category)
 <root>/<name>/truth.csv                 ground truth for stage 2: img_name, mask_name, number
                                          (separate blobs), cx, cy (centroid of the foreground,
                                          0..1 of width/height), area_fraction; --multiclass adds
@@ -132,11 +135,15 @@ def _write(path: Path, array: np.ndarray, params=()) -> None:
 
 
 def make_synthetic(root, name: str | None = None, count: int = 60, seed: int = 0, mask_format: str | None = None,
-                   multiclass: bool = False, overwrite: bool = False) -> Path:
-    """Write the dataset to `<root>/<name>` (built beside it, then renamed into place); return that folder."""
-    name = name or ("synthetic_multiclass" if multiclass else "synthetic")
+                   multiclass: bool = False, overwrite: bool = False, per_category: bool = False) -> Path:
+    """Write the dataset to `<root>/<name>` (built beside it, then renamed into place); return that folder.
+
+    `per_category`: the multi-class dataset with one binary mask per category instead of label maps."""
+    registry_name = "synthetic_percategory" if per_category else "synthetic_multiclass" if multiclass else "synthetic"
+    name = name or registry_name
+    multiclass = multiclass or per_category
     mask_format = mask_format or ("png" if multiclass else "jpg")
-    if multiclass and mask_format != "png":
+    if multiclass and not per_category and mask_format != "png":
         raise CoTexNetError("--mask-format: label maps (--multiclass) must be png, JPEG would blur the class ids")
     if count < 1:
         raise CoTexNetError(f"--count: must be at least 1, got {count}")
@@ -145,7 +152,8 @@ def make_synthetic(root, name: str | None = None, count: int = 60, seed: int = 0
         raise CoTexNetError(f"{out}: exists; pass --overwrite to replace it")
     if out.exists() and not (out / "truth.csv").exists():
         raise CoTexNetError(f"{out}: exists and is not a synthetic dataset (no truth.csv); not replacing it")
-    categories = get_spec("synthetic_multiclass").categories if multiclass else (get_spec("synthetic").keyword,)
+    spec = get_spec(registry_name)
+    categories = spec.categories or (spec.keyword,)
     build = out.with_name(f".{name}.building")
     shutil.rmtree(build, ignore_errors=True)
     rows = []
@@ -160,8 +168,12 @@ def make_synthetic(root, name: str | None = None, count: int = 60, seed: int = 0
             img_name, mask_name = f"syn_{i:04d}.jpg", f"syn_{i:04d}.{mask_format}"
             _write(build / "images" / img_name, cv2.cvtColor(_render(rng, label), cv2.COLOR_RGB2BGR),
                    (cv2.IMWRITE_JPEG_QUALITY, 90))
-            mask = label if multiclass else label * 255
-            _write(build / "masks" / mask_name, mask, (cv2.IMWRITE_JPEG_QUALITY, 75) if mask_format == "jpg" else ())
+            quality = (cv2.IMWRITE_JPEG_QUALITY, 75) if mask_format == "jpg" else ()
+            if per_category:
+                for k in range(1, len(categories) + 1):
+                    _write(build / "masks" / str(k) / mask_name, (label == k).astype(np.uint8) * 255, quality)
+            else:
+                _write(build / "masks" / mask_name, label if multiclass else label * 255, quality)
             rows += _truth_rows(img_name, mask_name, label, categories)
         with atomic_path(build / "truth.csv") as tmp:
             pd.DataFrame(rows).to_csv(tmp, index=False)
@@ -177,15 +189,19 @@ def make_synthetic(root, name: str | None = None, count: int = 60, seed: int = 0
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="data_process", help="folder that holds the datasets (default: data_process)")
-    parser.add_argument("--name", help="dataset folder name (default: synthetic, or synthetic_multiclass)")
+    parser.add_argument("--name", help="dataset folder name (default: synthetic, synthetic_multiclass or synthetic_percategory)")
     parser.add_argument("--count", type=int, default=60, help="number of images (default: 60)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files (default: 0)")
     parser.add_argument("--mask-format", choices=["jpg", "png"],
                         help="mask files: jpg (0/255 with JPEG artefacts, like Kvasir; the binary default) or png")
     parser.add_argument("--multiclass", action="store_true", help="PNG label maps with 2 categories instead of 0/255 masks")
+    parser.add_argument("--per-category-masks", action="store_true",
+                        help="multi-class, one 0/255 mask per image and category in masks/1/, masks/2/ "
+                             "(the paper README's layout) instead of label maps")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing synthetic dataset of that name")
     args = parser.parse_args(argv)
-    out = make_synthetic(args.root, args.name, args.count, args.seed, args.mask_format, args.multiclass, args.overwrite)
+    out = make_synthetic(args.root, args.name, args.count, args.seed, args.mask_format, args.multiclass, args.overwrite,
+                         args.per_category_masks)
     print(f"{args.count} images written to {out} (ground truth: {out / 'truth.csv'})")
 
 

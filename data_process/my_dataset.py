@@ -11,6 +11,7 @@ items carry no text.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path, PurePosixPath
 
 import pandas as pd
@@ -25,7 +26,9 @@ SHOW = 5  # names listed in errors
 
 
 def read_split(csv_path, dataset_name: str) -> pd.DataFrame:
-    """The rows of split CSV `csv_path` for `dataset_name` (columns dataset, img_name, mask_name)."""
+    """The rows of split CSV `csv_path` for `dataset_name` (columns dataset, img_name, mask_name).
+
+    Repeated rows are dropped with a warning; one image listed with two masks is an error."""
     csv_path = Path(csv_path)
     try:
         table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
@@ -36,11 +39,20 @@ def read_split(csv_path, dataset_name: str) -> pd.DataFrame:
     missing = [column for column in SPLIT_COLUMNS if column not in table.columns]
     if missing:
         raise CoTexNetError(f"{csv_path}: missing columns {missing} (has {list(table.columns)})")
-    rows = table[table["dataset"] == dataset_name].reset_index(drop=True)
+    rows = table[table["dataset"] == dataset_name]
     if rows.empty:
         held = sorted(set(table["dataset"]))
         raise CoTexNetError(f"{csv_path}: no rows for dataset {dataset_name!r}; it holds {held or 'no rows at all'}")
-    return rows
+    # A repeated row would weigh an image twice (in training) or count it twice (in metrics).
+    repeated = rows.duplicated(SPLIT_COLUMNS)
+    if repeated.any():
+        print(f"warning: {csv_path}: {repeated.sum()} repeated rows of {dataset_name} dropped, e.g. "
+              f"{rows.loc[repeated, 'img_name'].tolist()[:SHOW]}", file=sys.stderr)
+        rows = rows[~repeated]
+    clash = rows["img_name"][rows["img_name"].duplicated()].tolist()
+    if clash:
+        raise CoTexNetError(f"{csv_path}: image {clash[0]!r} of {dataset_name} is listed with two different masks")
+    return rows.reset_index(drop=True)
 
 
 def _stem(name: str) -> str:
@@ -51,7 +63,7 @@ class SegDataset(torch.utils.data.Dataset):
     def __init__(self, root, dataset_name: str, split_df: pd.DataFrame, spec: DatasetSpec, transform,
                  tokenizer=None, prompts: dict[str, str] | None = None, max_length: int = 77):
         self.folder = Path(root) / dataset_name
-        self.rows = list(zip(split_df["img_name"], split_df["mask_name"]))
+        self.rows = list(zip(split_df["img_name"], split_df["mask_name"], strict=True))
         self.spec, self.transform = spec, transform
         self.tokens = None
         if prompts is not None:

@@ -1,12 +1,18 @@
 """The dataset registry: names, file formats, mask decoding and image/mask pairing.
 
 Every dataset quirk is an entry of `dataset_config/datasets.yaml`; the stages ask this module
-(`get_spec`, `read_image`, `read_mask`, `pair_files`) instead of testing dataset names.
+(`get_spec`, `read_image`, `read_mask`, `category_masks`, `pair_files`) instead of testing dataset names.
+
+Mask layouts (`mask_layout`): "single" = one mask file per image, `masks/<name>`;
+"per_category" = one binary mask per image and category, `masks/<k or keyword>/<name>`. In both
+a mask is named by `<name>` (relative to `masks/`, resp. to each category folder), and
+`read_mask(<dataset>/masks/<name>, spec)` gives the image's label map.
 """
 
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -19,6 +25,7 @@ from common.errors import CoTexNetError
 
 REGISTRY_FILE = Path(__file__).resolve().parents[1] / "dataset_config" / "datasets.yaml"
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp")
+SHOW = 5  # names listed in warnings
 CATEGORY_SEP = "__"  # ROI of one category: "<stem>__<category>.jpg"
 # Pillow modes numpy cannot take as they are: bits, gray + alpha, 16-bit variants.
 _PLAIN_MODES = {"1": "L", "LA": "L", "I;16": "I", "I;16L": "I", "I;16B": "I", "I;16N": "I"}
@@ -34,6 +41,7 @@ class DatasetSpec:
     mask_suffix: str = ""
     mask_prefix: str = ""
     categories: tuple[str, ...] = ()
+    mask_layout: str = "single"
 
     @property
     def num_classes(self) -> int:
@@ -77,6 +85,11 @@ def get_spec(name: str, keyword: str | None = None) -> DatasetSpec:
         raise CoTexNetError(f"{REGISTRY_FILE}: {name}: unknown keys {sorted(unknown)}")
     if fields["mask_encoding"] not in ("binary", "labelmap"):
         raise CoTexNetError(f"{REGISTRY_FILE}: {name}: mask_encoding must be binary or labelmap")
+    if fields.get("mask_layout", "single") not in ("single", "per_category"):
+        raise CoTexNetError(f"{REGISTRY_FILE}: {name}: mask_layout must be single or per_category")
+    if fields.get("mask_layout") == "per_category" and (fields["mask_encoding"] != "binary" or not fields["categories"]):
+        raise CoTexNetError(f"{REGISTRY_FILE}: {name}: mask_layout per_category needs categories "
+                            "and mask_encoding binary (each file is one category's binary mask)")
     fields = {key: ("" if value is None else value) for key, value in fields.items()}
     return DatasetSpec(name=name, **fields)
 
@@ -111,18 +124,79 @@ def read_image(path) -> np.ndarray:
 
 
 def read_mask(path, spec: DatasetSpec, size: tuple[int, int] | None = None) -> np.ndarray:
-    """HxW uint8 label map (0 background, 1..K); binary masks give {0, 1}; `size` = (w, h)."""
+    """HxW uint8 label map (0 background, 1..K); binary masks give {0, 1}; `size` = (w, h).
+
+    per_category layout: `path` = `<masks>/<name>` stands for the category files
+    `<masks>/<k or keyword>/<name>`; where categories overlap the later category wins.
+    """
+    if spec.mask_layout == "per_category":
+        masks = category_masks(path, spec, size)
+        label = np.zeros(masks[0].shape, np.uint8)
+        for k, inside in enumerate(masks, start=1):
+            label[inside] = k
+        return label
     array = _decode(path, palette_as_rgb=False)
     if spec.mask_encoding == "labelmap":
-        label = array if array.ndim == 2 else array[:, :, 0]
-        label = _check_labels(label, spec, path)
+        label = _check_labels(array if array.ndim == 2 else array[:, :, 0], spec, path)
     else:
-        value = array if array.ndim == 2 else array[:, :, :3].max(axis=2)  # colour masks: brightest channel
-        threshold = 128 if value.max() >= 128 else 1  # 0/255 (+ JPEG artefacts) vs 0/1 or instance ids
-        label = (value >= threshold).astype(np.uint8)
+        label = _binary(array)
+    return _resize(label, size)
+
+
+def category_masks(path, spec: DatasetSpec, size: tuple[int, int] | None = None) -> list[np.ndarray]:
+    """One HxW bool mask per category (binary datasets: one, the foreground), before any overlap
+    is resolved: the per_category layout's files as they are, else `label == k` of the label map."""
+    if spec.mask_layout != "per_category":
+        label = read_mask(path, spec, size)
+        return [label == k for k in range(1, max(len(spec.categories), 1) + 1)]
+    files = category_files(path, spec)
+    first = _binary(_decode(files[0], palette_as_rgb=False))
+    size = size or (first.shape[1], first.shape[0])  # categories of another size follow the first
+    return [_resize(first if i == 0 else _binary(_decode(file, palette_as_rgb=False)), size) > 0
+            for i, file in enumerate(files)]
+
+
+def _binary(array: np.ndarray) -> np.ndarray:
+    value = array if array.ndim == 2 else array[:, :, :3].max(axis=2)  # colour masks: brightest channel
+    threshold = 128 if value.max() >= 128 else 1  # 0/255 (+ JPEG artefacts) vs 0/1 or instance ids
+    return (value >= threshold).astype(np.uint8)
+
+
+def _resize(label: np.ndarray, size) -> np.ndarray:
     if size is not None and (label.shape[1], label.shape[0]) != tuple(size):
         label = cv2.resize(label, tuple(size), interpolation=cv2.INTER_NEAREST)
     return label
+
+
+def category_folders(masks_dir, spec: DatasetSpec) -> list[Path] | None:
+    """per_category layout: the folder of each category in `masks_dir`, named by its index
+    (1..K) or its keyword; None when some category has neither."""
+    folders = []
+    for k, keyword in enumerate(spec.categories, start=1):
+        found = [Path(masks_dir) / name for name in (str(k), keyword) if (Path(masks_dir) / name).is_dir()]
+        if not found:
+            return None
+        if len(found) > 1:
+            raise CoTexNetError(f"{masks_dir}: both {k}/ and {keyword}/ exist for category {k}; keep one")
+        folders.append(found[0])
+    return folders
+
+
+def category_files(path, spec: DatasetSpec) -> list[Path]:
+    """per_category layout: the K files behind mask path `<masks>/<name>` (`<masks>` = the
+    nearest folder above `path` that holds every category's folder)."""
+    path = Path(path)
+    for masks_dir in path.parents:
+        folders = category_folders(masks_dir, spec)
+        if folders is not None:
+            return [folder / path.relative_to(masks_dir) for folder in folders]
+    raise _no_category_folders(path, spec)
+
+
+def _no_category_folders(path, spec: DatasetSpec) -> CoTexNetError:
+    names = ", ".join(f"{k}/ or {c}/" for k, c in enumerate(spec.categories, start=1))
+    return CoTexNetError(f"{path}: no folder of each category ({names}) in or above it, "
+                         f"as mask_layout per_category of {spec.name} needs")
 
 
 def _check_labels(label: np.ndarray, spec: DatasetSpec, path) -> np.ndarray:
@@ -164,8 +238,24 @@ def parse_roi_name(name: str) -> tuple[str, str | None]:
 @dataclass
 class Pairing:
     pairs: list[tuple[str, str]]        # (image name, mask name), relative to images/ and masks/
-    masks_without_image: list[str]
-    images_without_mask: list[str]
+    masks_without_image: list[str]      # relative to masks/ (per_category: "<category folder>/<name>")
+    images_without_mask: list[str]      # per_category: also images lacking the mask of some category
+
+    def check(self, dataset_dir, spec: DatasetSpec) -> None:
+        """The scripts' rule: a mask without image stops the run (naming it); images without
+        mask are warned about, listed, and left out; no pairs at all stops the run."""
+        if self.masks_without_image:
+            more = len(self.masks_without_image) - 1
+            raise CoTexNetError(f"{Path(dataset_dir) / 'masks' / self.masks_without_image[0]}: no image with its stem "
+                                f"in {Path(dataset_dir) / 'images'}"
+                                + (f" (and {more} more masks without image)" if more else "") + "; nothing written")
+        if not self.pairs:
+            raise CoTexNetError(f"{Path(dataset_dir) / 'masks'}: no masks found")
+        if self.images_without_mask:
+            where = " in every category folder" if spec.mask_layout == "per_category" else ""
+            names = self.images_without_mask
+            print(f"warning: {len(names)} images without a mask{where}, left out: {', '.join(names[:SHOW])}"
+                  + (f" ... ({len(names) - SHOW} more)" if len(names) > SHOW else ""), file=sys.stderr)
 
 
 def _list_images(folder: Path, ext: str) -> list[str]:
@@ -178,10 +268,23 @@ def _list_images(folder: Path, ext: str) -> list[str]:
 
 def pair_files(dataset_dir, spec: DatasetSpec, image_ext: str | None = None,
                mask_ext: str | None = None) -> Pairing:
-    """Match `<dataset_dir>/masks/*` to `<dataset_dir>/images/*` by stem (extensions: case ignored)."""
-    dataset_dir = Path(dataset_dir)
+    """Match `<dataset_dir>/masks/*` to `<dataset_dir>/images/*` by stem (extensions: case ignored).
+
+    per_category layout: a mask name pairs when every category folder holds it."""
+    dataset_dir, masks_dir = Path(dataset_dir), Path(dataset_dir) / "masks"
     images = _list_images(dataset_dir / "images", spec.image_ext if image_ext is None else image_ext)
-    masks = _list_images(dataset_dir / "masks", spec.mask_ext if mask_ext is None else mask_ext)
+    mask_ext = spec.mask_ext if mask_ext is None else mask_ext
+    if spec.mask_layout == "per_category":
+        folders = category_folders(masks_dir, spec)
+        if folders is None:
+            raise _no_category_folders(masks_dir, spec)
+        listed = [_list_images(folder, mask_ext) for folder in folders]
+        files = [(f"{folder.name}/{name}", name) for folder, names in zip(folders, listed, strict=True)
+                 for name in names]
+        masks = sorted(set.intersection(*map(set, listed)))
+    else:
+        masks = _list_images(masks_dir, mask_ext)
+        files = [(name, name) for name in masks]
     by_stem: dict[str, str] = {}
     for name in images:
         stem = str(PurePosixPath(name).with_suffix(""))
@@ -189,12 +292,7 @@ def pair_files(dataset_dir, spec: DatasetSpec, image_ext: str | None = None,
             raise CoTexNetError(f"{dataset_dir / 'images' / name}: two images with stem {stem!r} "
                                 f"({by_stem[stem]}); pass --img-format")
         by_stem[stem] = name
-    pairs, orphans = [], []
-    for mask in masks:
-        image = by_stem.get(image_stem(mask, spec))
-        if image is None:
-            orphans.append(mask)
-        else:
-            pairs.append((image, mask))
+    pairs = [(by_stem[image_stem(mask, spec)], mask) for mask in masks if image_stem(mask, spec) in by_stem]
+    orphans = [shown for shown, name in files if image_stem(name, spec) not in by_stem]
     paired = {image for image, _ in pairs}
     return Pairing(pairs, orphans, [name for name in images if name not in paired])

@@ -1,5 +1,8 @@
-"""Session fixtures shared by all test files: synthetic datasets, the CLIP tokenizer, real Kvasir."""
+"""Session fixtures shared by all test files: the network guard, synthetic datasets, the CLIP
+tokenizer, real Kvasir."""
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -7,6 +10,27 @@ import pytest
 from data_process.make_synthetic import make_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
+GUARD_DIR = Path(__file__).resolve().parent / "netguard"
+sys.path.insert(0, str(GUARD_DIR))
+import cotexnet_netguard  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_network():
+    """Any connection beyond loopback / AF_UNIX raises, here and in Python subprocesses."""
+    cotexnet_netguard.install()
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(GUARD_DIR), os.environ.get("PYTHONPATH")]))
+    yield
+
+
+@pytest.fixture(autouse=True)
+def network_attempts_fail_the_test(no_network):
+    """Fails the test even when a library caught the guard's error and carried on."""
+    cotexnet_netguard.take_attempts()
+    yield
+    attempts = cotexnet_netguard.take_attempts()
+    if attempts:
+        pytest.fail(f"the test tried to reach the network: {attempts[:3]}")
 
 
 @pytest.fixture(scope="session")

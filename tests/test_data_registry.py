@@ -53,7 +53,7 @@ def test_roi_names_round_trip():
 def test_read_image_any_mode_gives_rgb_uint8(tmp_path, mode):
     path = tmp_path / f"x_{mode.replace(';', '')}.png"
     if mode == "I;16":  # 12-bit scanner data in a 16-bit file: stretched to 0..255
-        Image.fromarray((RGB[:, :, 0].astype(np.uint16) * 16)).save(path)
+        Image.fromarray(RGB[:, :, 0].astype(np.uint16) * 16).save(path)
     else:
         Image.fromarray(RGB).convert(mode).save(path)
     image = read_image(path)
