@@ -105,8 +105,15 @@ def save_tiny_llava(out_dir: str | Path, seed: int = 0) -> Path:
     `get_text.py` loads the folder exactly as it loads `llava-hf/llava-1.5-13b-hf`.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
 
     from llava_inference.attributes import VOCABULARIES
     from llava_inference.llava_model import CHAT_TEMPLATE, question

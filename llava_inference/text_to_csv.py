@@ -1,0 +1,177 @@
+"""Attributes -> the paper's sentence, and the text CSV: written resumably, read back as prompts.
+
+CSV columns: the paper's `roi_name,text,text_prompt,number,location,shape,size,color` (the
+last five are concept-dictionary codes, see attributes.py), then
+- `source`: `llava` (all five from the model), `geometry` (all five from the mask),
+  `hybrid` (shape and color from the model, the rest from the mask) or `fallback` (the model
+  gave no valid answer within the allowed tries, all five from the mask);
+- `tries`: model answers drawn for the ROI (0 for geometry).
+An ROI with an empty mask gets number 0, codes -1 and the sentence "no <keyword>s in the image."
+(the model is not asked).
+
+While a run goes, each result is appended to `<out stem>.partial[-<shard>].csv` and flushed, so
+a killed run loses at most the line being written; a rerun reads the partial files and skips
+those ROIs. The final CSV is written atomically, and only then are the partial files removed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from common.errors import CoTexNetError
+from common.io import atomic_path
+from data_process import registry
+from llava_inference.attributes import KEYS, AnswerError, Attributes, parse_answer
+
+PAPER_COLUMNS = ("roi_name", "text", "text_prompt", *KEYS)
+COLUMNS = (*PAPER_COLUMNS, "source", "tries")
+
+
+def plural(keyword: str) -> str:
+    """English plural of the keyword's last word: "polyp area" -> "polyp areas"."""
+    if keyword.endswith(("s", "x", "z", "ch", "sh")):
+        return keyword + "es"
+    if keyword.endswith("y") and keyword[-2:-1] not in tuple("aeiou"):
+        return keyword[:-1] + "ies"
+    return keyword + "s"
+
+
+def sentence(attrs: Attributes, keyword: str) -> str:
+    """The paper's template; locations are normalised words, so "of the image" appears once."""
+    noun = plural(keyword) if attrs.number > 1 else keyword
+    return (f"{attrs.number} {attrs.shape} {attrs.size} {attrs.color} {noun}, "
+            f"located in the {attrs.location} of the image.")
+
+
+def make_row(roi_name: str, attrs: Attributes, keyword: str, source: str, tries: int) -> dict:
+    return {"roi_name": roi_name, "text": attrs.to_json(), "text_prompt": sentence(attrs, keyword),
+            **attrs.codes(), "source": source, "tries": tries}
+
+
+def empty_row(roi_name: str, keyword: str) -> dict:
+    """The row of an ROI whose mask is empty (a category absent from an image): nothing to describe.
+
+    The paper's template cannot say "none", so the sentence is its own and the codes are -1.
+    """
+    return {"roi_name": roi_name, "text": json.dumps({"number": 0}), "text_prompt": f"no {plural(keyword)} in the image.",
+            "number": 0, **{k: -1 for k in KEYS[1:]}, "source": "geometry", "tries": 0}
+
+
+def _partial_path(out: Path, shard: str) -> Path:
+    return out.with_name(f"{out.stem}.partial{shard}.csv")
+
+
+def _partials(out: Path) -> list[Path]:
+    return sorted(out.parent.glob(f"{out.stem}.partial*.csv"))
+
+
+def _read_complete_rows(path: Path) -> list[dict]:
+    """Rows of one of our CSVs; a line cut by a kill is dropped (and cut off the file)."""
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]
+        path.write_bytes(data)
+    reader = csv.DictReader(data.decode("utf-8").splitlines())
+    if reader.fieldnames is not None and list(reader.fieldnames) != list(COLUMNS):
+        raise CoTexNetError(f"{path}: columns {reader.fieldnames} are not {list(COLUMNS)}; "
+                            "move it away or rerun with --overwrite")
+    return [row for row in reader if None not in row.values()]
+
+
+class ResultWriter:
+    """Appends finished rows to a partial CSV, knows which ROIs are done, writes the final CSV.
+
+    `fresh`: ignore an existing final CSV (its rows are redone); partial files of an earlier run
+    are removed by `discard_partials` first.
+    """
+
+    def __init__(self, out: str | Path, shard: str = "", fresh: bool = False):
+        self.out = Path(out)
+        self.partial = _partial_path(self.out, shard)
+        self.fresh = fresh
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.rows = self._finished_rows()
+        new = not self.partial.exists() or self.partial.stat().st_size == 0
+        self._file = self.partial.open("a", newline="", encoding="utf-8")
+        self._writer = csv.DictWriter(self._file, fieldnames=COLUMNS)
+        if new:
+            self._writer.writeheader()
+            self._file.flush()
+
+    @staticmethod
+    def discard_partials(out: str | Path) -> None:
+        for path in _partials(Path(out)):
+            path.unlink()
+
+    def _finished_rows(self) -> dict[str, dict]:
+        rows = {}
+        # A finished earlier run counts as done too; partial rows are newer, so they win.
+        earlier = [self.out] if self.out.exists() and not self.fresh else []
+        for path in earlier + _partials(self.out):
+            rows.update({row["roi_name"]: row for row in _read_complete_rows(path)})
+        return rows
+
+    def add(self, row: dict) -> None:
+        self._writer.writerow(row)
+        self._file.flush()
+        self.rows[row["roi_name"]] = {k: str(v) for k, v in row.items()}
+
+    def close(self) -> None:
+        self._file.close()
+
+    def finalize(self, order: list[str]) -> pd.DataFrame:
+        """Write the final CSV (rows in `order`, each once) atomically; remove the partial files.
+
+        Reads the partial files again, so rows written by other processes (shards) are merged.
+        """
+        self.close()
+        self.rows.update(self._finished_rows())
+        missing = [name for name in order if name not in self.rows]
+        if missing:
+            raise CoTexNetError(f"{self.out}: {len(missing)} ROIs have no result yet, e.g. {missing[0]}; rerun to finish")
+        table = pd.DataFrame([self.rows[name] for name in order], columns=COLUMNS)
+        with atomic_path(self.out) as tmp:
+            table.to_csv(tmp, index=False)
+        self.discard_partials(self.out)
+        return table
+
+
+def load_prompts(csv_path: str | Path, spec) -> dict[str, str]:
+    """Image stem -> text prompt, from our text CSV or the paper's (extra index column, JSON text).
+
+    Multi-class: the sentences of an image's categories joined by a space, in category order.
+    A row without `text_prompt` gets the sentence rebuilt from the JSON in `text`.
+    """
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise CoTexNetError(f"{csv_path}: text CSV not found (run get_text.py first)")
+    try:
+        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise CoTexNetError(f"{csv_path}: not a readable CSV ({err})") from None
+    table = table.loc[:, [c for c in table.columns if not c.startswith("Unnamed:")]]
+    if "roi_name" not in table.columns or not {"text", "text_prompt"} & set(table.columns):
+        raise CoTexNetError(f"{csv_path}: needs columns roi_name and text_prompt (or text); has {list(table.columns)}")
+    if table.empty:
+        raise CoTexNetError(f"{csv_path}: no rows")
+    order = {c: i for i, c in enumerate(spec.categories)}
+    parts: dict[str, dict[str | None, str]] = {}
+    for row in table.to_dict("records"):
+        stem, category = registry.parse_roi_name(row["roi_name"])
+        prompt = row.get("text_prompt", "").strip()
+        if not prompt:
+            keyword = category or spec.keyword
+            try:
+                prompt = sentence(parse_answer(row.get("text", "")), keyword)
+            except AnswerError as err:
+                raise CoTexNetError(f"{csv_path}: row {row['roi_name']}: no text_prompt and {err}") from None
+        # One sentence per (image, category): a repeated row replaces the earlier one.
+        parts.setdefault(stem, {})[category] = prompt
+    # sorted() is stable: categories unknown to the spec keep their file order, after the known ones.
+    return {stem: " ".join(by_category[c] for c in sorted(by_category, key=lambda c: order.get(c, len(order))))
+            for stem, by_category in parts.items()}
+

@@ -1,0 +1,165 @@
+"""Geometry against the synthetic ground truth; the text CSV (geometry run, resume, paper format)."""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import get_text
+from common.errors import CoTexNetError
+from data_process import registry
+from llava_inference import geometry
+from llava_inference.attributes import LOCATIONS, SIZES, location_words
+from llava_inference.text_to_csv import COLUMNS, PAPER_COLUMNS, load_prompts
+from tests.text_fixtures import *  # noqa: F403 (session fixtures)
+
+KVASIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "kvasir-seg"
+
+
+def _truth_checks(folder: Path, spec, truth: pd.DataFrame, label_of) -> int:
+    checked = 0
+    for row in truth.itertuples():
+        image = registry.read_image(folder / "images" / row.img_name)
+        mask = registry.read_mask(folder / "masks" / row.mask_name, spec) == label_of(row)
+        if row.number == 0:
+            assert geometry.count_regions(mask) == 0
+            continue
+        attrs = geometry.describe(mask, image)
+        assert attrs.number == row.number, row.img_name
+        assert attrs.location == location_words(row.cx, row.cy), row.img_name
+        # JPEG edges move the area a little: exact unless the truth is within 5 % of a threshold
+        if all(abs(row.area_fraction - t) > 0.05 * t for t in (geometry.SMALL_BELOW, geometry.LARGE_FROM)):
+            assert attrs.size == geometry.size_word(row.area_fraction), row.img_name
+        checked += 1
+    return checked
+
+
+def test_geometry_matches_synthetic_truth(synthetic):
+    truth = pd.read_csv(synthetic / "truth.csv")
+    assert _truth_checks(synthetic, registry.get_spec("synthetic"), truth, lambda row: 1) >= 40
+
+
+def test_geometry_matches_synthetic_truth_multiclass(synthetic_multiclass):
+    spec = registry.get_spec("synthetic_multiclass")
+    truth = pd.read_csv(synthetic_multiclass / "truth.csv")
+    assert _truth_checks(synthetic_multiclass, spec, truth, lambda row: spec.categories.index(row.category) + 1) > 5
+
+
+def test_shape_and_colour_words():
+    import cv2
+
+    canvas = np.zeros((200, 300), np.uint8)
+    circle = cv2.circle(canvas.copy(), (150, 100), 50, 1, -1)
+    ellipse = cv2.ellipse(canvas.copy(), (150, 100), (80, 35), 30, 0, 360, 1, -1)
+    star = cv2.fillPoly(canvas.copy(), [np.array([[150, 20], [170, 90], [250, 100], [170, 115], [150, 190],
+                                                  [130, 115], [50, 100], [130, 90]])], 1)
+    roi = np.zeros((200, 300, 3), np.uint8)
+    roi[:] = (190, 40, 40)
+    assert [geometry.describe(m, roi).shape for m in (circle, ellipse, star)] == ["round", "oval", "irregular"]
+    assert geometry.describe(circle, roi).color == "red"
+    assert geometry.color_word((230, 150, 160)) == "pink" and geometry.color_word((128, 128, 130)) == "gray"
+
+
+def _run(folder: Path, out: Path, *extra) -> pd.DataFrame:
+    get_text.main(["--dataset-name", folder.name, "--dataset-path", str(folder), "--out", str(out), *extra])
+    return pd.read_csv(out)
+
+
+def test_geometry_csv_for_the_synthetic_set(synthetic, tmp_path):
+    table = _run(synthetic, tmp_path / "out.csv", "--describer", "geometry")
+    assert list(table.columns) == list(COLUMNS)
+    assert len(table) == len(list((synthetic / "ROIs").glob("*.jpg"))) and table["roi_name"].is_unique
+    described = table[table["number"] > 0]
+    assert described["location"].between(0, len(LOCATIONS) - 1).all() and described["size"].between(0, len(SIZES) - 1).all()
+    assert (table["source"] == "geometry").all()
+    # the empty mask of the set gets its own sentence, not a made-up region
+    assert table.loc[table["number"] == 0, "text_prompt"].str.startswith("no polyp areas").all()
+    prompts = load_prompts(tmp_path / "out.csv", registry.get_spec("synthetic"))
+    assert prompts["syn_0000"].endswith("of the image.") and len(prompts) == len(table)
+    assert not list(tmp_path.glob("*.partial*"))
+
+
+def test_multiclass_prompts_join_categories_in_order(synthetic_multiclass, tmp_path):
+    spec = registry.get_spec("synthetic_multiclass")
+    table = _run(synthetic_multiclass, tmp_path / "mc.csv", "--describer", "geometry")
+    assert len(table) == 12 * len(spec.categories)
+    prompts = load_prompts(tmp_path / "mc.csv", spec)
+    first = table[table["roi_name"].str.startswith("syn_0000__")].set_index("roi_name")["text_prompt"]
+    assert prompts["syn_0000"] == " ".join(first[registry.roi_name("syn_0000", c)] for c in spec.categories)
+
+
+def test_resume_after_interruption_gives_the_same_rows(synthetic, tmp_path, monkeypatch):
+    reference = _run(synthetic, tmp_path / "ref.csv", "--describer", "geometry")
+    out = tmp_path / "resumed.csv"
+    calls = {"n": 0}
+    describe = geometry.describe
+
+    def dies_after_20(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 20:
+            raise KeyboardInterrupt
+        return describe(*args, **kwargs)
+
+    monkeypatch.setattr(geometry, "describe", dies_after_20)
+    with pytest.raises(KeyboardInterrupt):
+        _run(synthetic, out, "--describer", "geometry")
+    monkeypatch.setattr(geometry, "describe", describe)
+    partial = out.with_name("resumed.partial.csv")
+    assert not out.exists() and len(pd.read_csv(partial)) >= 20
+    with partial.open("a") as f:  # a kill -9 in the middle of a line
+        f.write("syn_0049.jpg,\"{\"\"number")
+    resumed = _run(synthetic, out, "--describer", "geometry")
+    pd.testing.assert_frame_equal(resumed, reference)
+    assert not partial.exists()
+    # a rerun of a finished CSV describes nothing again and changes nothing
+    pd.testing.assert_frame_equal(_run(synthetic, out, "--describer", "geometry"), reference)
+
+
+def test_paper_format_csv_loads(tmp_path):
+    spec = registry.get_spec("kvasir")
+    paper = pd.DataFrame({
+        "roi_name": ["a.jpg", "b.jpg"],
+        "text": ['{"number": 1, "location": "center", "shape": "round", "size": "small", "color": "pink"}',
+                 "{'number': 2, 'location': [0.0, 0.0, 0.2, 0.2], 'shape': 'oval', 'size': 'large', 'color': 'red'}"],
+        "text_prompt": ["1 round small pink polyp area, located in the center of the image.", ""],
+        "number": [1, 2], "location": [0, 1], "shape": [0, 1], "size": [0, 2], "color": [0, 1],
+    })
+    paper.to_csv(tmp_path / "kvasir_text_out.csv")  # index=True: the paper's unnamed first column
+    prompts = load_prompts(tmp_path / "kvasir_text_out.csv", spec)
+    assert prompts == {"a": "1 round small pink polyp area, located in the center of the image.",
+                       "b": "2 oval large red polyp areas, located in the top left of the image."}
+    paper.drop(columns=["text_prompt"]).iloc[:, :1].to_csv(tmp_path / "bad.csv")
+    with pytest.raises(CoTexNetError, match="roi_name and text_prompt"):
+        load_prompts(tmp_path / "bad.csv", spec)
+
+
+def test_missing_rois_and_orphan_roi_are_named(synthetic, tmp_path):
+    import shutil
+
+    with pytest.raises(CoTexNetError, match="no ROI folder"):
+        _run(tmp_path, tmp_path / "x.csv", "--describer", "geometry")
+    copy = tmp_path / "synthetic"
+    shutil.copytree(synthetic, copy)
+    (copy / "masks" / "syn_0003.jpg").unlink()
+    (copy / "images" / "syn_0003.jpg").unlink()
+    with pytest.raises(CoTexNetError, match="syn_0003.jpg: ROI without a mask"):
+        _run(copy, tmp_path / "x.csv", "--describer", "geometry")
+
+
+@pytest.mark.skipif(not KVASIR.is_dir(), reason=f"real Kvasir-SEG not found at {KVASIR}")
+def test_geometry_on_real_kvasir_sample(tmp_path):
+    import shutil
+
+    from data_process import make_ROI_img
+
+    folder = tmp_path / "kvasir"
+    masks = sorted((KVASIR / "masks").glob("*.jpg"))[:12]
+    for sub in ("images", "masks"):
+        (folder / sub).mkdir(parents=True)
+        for mask in masks:
+            shutil.copy(KVASIR / sub / mask.name, folder / sub / mask.name)
+    make_ROI_img.main(["--dataset-name", "kvasir", "--dataset-path", str(folder), "--workers", "1"])
+    table = _run(folder, tmp_path / "kvasir_text_out.csv", "--describer", "geometry")
+    assert list(table.columns[: len(PAPER_COLUMNS)]) == list(PAPER_COLUMNS) and len(table) == 12
+    assert (table["number"] >= 1).all() and table["text_prompt"].str.contains("polyp area").all()

@@ -1,0 +1,85 @@
+"""get_text.py with the tiny random LLaVA: constrained batched answers, free answers with retries, bad folders."""
+
+import json
+
+import pandas as pd
+import pytest
+
+import get_text
+from common.errors import CoTexNetError
+from llava_inference.llava_model import check_model_folder
+from tests.text_fixtures import *  # noqa: F403 (session fixtures)
+
+
+def _run(folder, model, out, *extra) -> pd.DataFrame:
+    get_text.main(["--dataset-name", folder.name, "--dataset-path", str(folder), "--model-path", str(model),
+                   "--out", str(out), *extra])
+    return pd.read_csv(out)
+
+
+def test_constrained_batched_answers_are_all_valid_first_try(synthetic, tiny_llava, tmp_path):
+    table = _run(synthetic, tiny_llava, tmp_path / "llava.csv", "--batch-size", "16", "--max-new-tokens", "120")
+    truth = pd.read_csv(synthetic / "truth.csv").set_index("img_name")["number"]
+    described = table[table["number"] > 0]
+    assert len(table) == 50 and len(described) == (truth > 0).sum() > 40
+    assert (described["source"] == "llava").all() and (described["tries"] == 1).all()
+    for row in described.itertuples():  # the number never exceeds what the mask shows
+        assert 1 <= row.number <= truth[row.roi_name]
+        assert json.loads(row.text)["number"] == row.number
+
+
+def test_hybrid_takes_number_location_size_from_the_mask(synthetic, tiny_llava, tmp_path):
+    geometry = _run(synthetic, tiny_llava, tmp_path / "g.csv", "--describer", "geometry")
+    hybrid = _run(synthetic, tiny_llava, tmp_path / "h.csv", "--describer", "hybrid", "--batch-size", "50",
+                  "--max-new-tokens", "120")
+    columns = ["roi_name", "number", "location", "size"]
+    pd.testing.assert_frame_equal(hybrid[columns], geometry[columns])
+    assert set(hybrid["source"]) == {"hybrid", "geometry"}  # geometry: the empty ROI
+
+
+def test_free_answers_are_retried_then_fall_back(synthetic, tiny_llava, tmp_path):
+    # A random model writes no JSON in 24 tokens: every ROI takes exactly --max-retries tries, then geometry.
+    table = _run(synthetic, tiny_llava, tmp_path / "free.csv", "--no-constrain", "--max-retries", "2",
+                 "--max-new-tokens", "24", "--batch-size", "50")
+    described = table[table["number"] > 0]
+    assert (described["source"] == "fallback").all() and (described["tries"] == 2).all()
+
+
+def test_bad_model_folders_are_named(tmp_path, tiny_llava):
+    with pytest.raises(CoTexNetError, match="no such model folder"):
+        check_model_folder(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CoTexNetError, match="missing config.json.*weights.*tokenizer.*image processor"):
+        check_model_folder(tmp_path / "empty")
+    original = tmp_path / "llava-v1.5-13b"
+    original.mkdir()
+    (original / "config.json").write_text(json.dumps({"architectures": ["LlavaLlamaForCausalLM"],
+                                                      "mm_vision_tower": "openai/clip-vit-large-patch14-336"}))
+    with pytest.raises(CoTexNetError, match="original LLaVA format.*convert_llava.py"):
+        check_model_folder(original)
+    check_model_folder(tiny_llava)
+
+
+def _torchrun(folder, out, *extra):
+    """Two processes as `accelerate launch --multi_gpu` starts them (torchrun), here on CPU over gloo."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(root / "get_text.py"),
+               "--dataset-name", folder.name, "--dataset-path", str(folder), "--out", str(out), *extra]
+    done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return pd.read_csv(out)
+
+
+@pytest.mark.slow
+def test_two_processes_shard_and_merge(synthetic, tiny_llava, tmp_path):
+    single = _run(synthetic, tiny_llava, tmp_path / "one.csv", "--describer", "geometry")
+    pd.testing.assert_frame_equal(_torchrun(synthetic, tmp_path / "two.csv", "--describer", "geometry"), single)
+    table = _torchrun(synthetic, tmp_path / "llava.csv", "--model-path", str(tiny_llava), "--batch-size", "25",
+                      "--max-new-tokens", "120")
+    assert list(table["roi_name"]) == list(single["roi_name"])
+    assert set(table["source"]) == {"llava", "geometry"} and (table.loc[table["source"] == "llava", "tries"] == 1).all()
+    assert not list(tmp_path.glob("*.partial*"))
