@@ -20,3 +20,6 @@ demo: $(VENV)/.installed
 
 clean-demo:
 	rm -rf demo_out
+
+bench: $(VENV)/.installed
+	$(PYTHON) tools/bench.py $(BENCH_ARGS)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPSegForImageSegmentation
 from transformers.masking_utils import create_causal_mask
@@ -50,6 +51,22 @@ class Img2Text(nn.Module):
         for layer in self.layers:
             cls = layer(cls)
         return torch.sigmoid(torch.sigmoid(self.fc_out(cls)))
+
+
+def _cls_row_of_layer(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Output row 0 (CLS) of a pre-norm CLIP encoder layer: a query for that row only,
+    keys and values from all rows (no mask: the vision encoder attends everywhere)."""
+    attn = layer.self_attn
+    batch, _, width = hidden.shape
+    normed = layer.layer_norm1(hidden)
+
+    def heads(x: torch.Tensor) -> torch.Tensor:
+        return x.view(batch, x.shape[1], attn.num_heads, attn.head_dim).transpose(1, 2)
+
+    context = F.scaled_dot_product_attention(heads(attn.q_proj(normed[:, :1])), heads(attn.k_proj(normed)),
+                                             heads(attn.v_proj(normed)), scale=attn.scale)
+    cls = hidden[:, 0] + attn.out_proj(context.transpose(1, 2).reshape(batch, width))
+    return cls + layer.mlp(layer.layer_norm2(cls))
 
 
 def _load_clipseg(clipseg, attn_implementation: str | None) -> tuple[CLIPSegForImageSegmentation, str | None]:
@@ -140,11 +157,24 @@ class CoTexNet(nn.Module):
     # --- vision -------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Extract-layer activations (for the decoder) and the CLS token of the last hidden
-        state before the post layer norm (B, Hv). No graph is kept while the encoder is frozen."""
+        state before the post layer norm (B, Hv). No graph is kept while the encoder is frozen.
+
+        The stock vision model's layers, run one by one: layers after the last extract layer
+        feed only the CLS token, so the final layer is computed for that one row (its keys and
+        values still see every token): ~7% fewer FLOPs in a ViT-B/16 forward, same result."""
+        vision = self.clip.vision_model
+        layers = vision.encoder.layers
+        outputs = {}
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
-            out = self.clip.vision_model(pixel_values, output_hidden_states=True)
-        # hidden_states[0] is the embedding output, so layer i's output is at i + 1.
-        return [out.hidden_states[i + 1] for i in self.extract_layers], out.last_hidden_state[:, 0]
+            hidden = vision.pre_layrnorm(vision.embeddings(pixel_values))
+            for i, layer in enumerate(layers):
+                if i == len(layers) - 1 and i not in self.extract_layers:
+                    cls = _cls_row_of_layer(layer, hidden)
+                    break
+                hidden = outputs[i] = layer(hidden, None)
+            else:
+                cls = hidden[:, 0]
+        return [outputs[i] for i in self.extract_layers], cls
 
     def extract_features(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         """What the evaluation path needs from the frozen encoder, batch first, for a cache."""
