@@ -61,6 +61,9 @@ def pairs_from_list(pairs: list[tuple[str, str]], list_csv: Path) -> dict[str, l
 def _read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except UnicodeDecodeError as err:
+        raise CoTexNetError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#x} at {err.start}); "
+                            "save it as UTF-8") from err
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         raise CoTexNetError(f"{path}: cannot read ({err})") from err
     missing = [column for column in columns if column not in table.columns]

@@ -34,6 +34,9 @@ def read_split(csv_path, dataset_name: str) -> pd.DataFrame:
         table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
     except FileNotFoundError as err:
         raise CoTexNetError(f"{csv_path}: no such split file (make it with data_process/make_splits.py)") from err
+    except UnicodeDecodeError as err:
+        raise CoTexNetError(f"{csv_path}: not UTF-8 text (byte {err.object[err.start]:#x} at {err.start}); "
+                            "save it as UTF-8") from err
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         raise CoTexNetError(f"{csv_path}: cannot read ({err})") from err
     missing = [column for column in SPLIT_COLUMNS if column not in table.columns]
@@ -74,7 +77,16 @@ class SegDataset(torch.utils.data.Dataset):
                 raise CoTexNetError(f"text prompts of {dataset_name}: {len(missing)} of {len(self.rows)} images have "
                                     f"none, e.g. {missing[:SHOW]} (run get_text.py for them)")
             texts = [prompts[_stem(image)] for image, _ in self.rows]
-            self.tokens = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+            # One token more than allowed shows which prompts the truncation cuts (CLIP's limit is 77).
+            self.tokens = tokenizer(texts, truncation=True, max_length=max_length + 1)["input_ids"]
+            long = [i for i, ids in enumerate(self.tokens) if len(ids) > max_length]
+            if long:
+                print(f"warning: text prompts of {dataset_name}: {len(long)} of {len(texts)} are longer than "
+                      f"{max_length} tokens and are cut to {max_length}, e.g. {[self.rows[i][0] for i in long[:SHOW]]}",
+                      file=sys.stderr)
+                cut = tokenizer([texts[i] for i in long], truncation=True, max_length=max_length)["input_ids"]
+                for i, ids in zip(long, cut, strict=True):
+                    self.tokens[i] = ids
 
     def __len__(self) -> int:
         return len(self.rows)

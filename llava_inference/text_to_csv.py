@@ -93,10 +93,16 @@ class ResultWriter:
         self.out = Path(out)
         self.partial = _partial_path(self.out, shard)
         self.fresh = fresh
-        self.out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise CoTexNetError(f"{self.out.parent}: cannot write here ({err.strerror})") from err
         self.rows = self._finished_rows()
         new = not self.partial.exists() or self.partial.stat().st_size == 0
-        self._file = self.partial.open("a", newline="", encoding="utf-8")
+        try:
+            self._file = self.partial.open("a", newline="", encoding="utf-8")
+        except OSError as err:
+            raise CoTexNetError(f"{self.partial}: cannot be written ({err.strerror})") from err
         self._writer = csv.DictWriter(self._file, fieldnames=COLUMNS)
         if new:
             self._writer.writeheader()
@@ -116,12 +122,19 @@ class ResultWriter:
         return rows
 
     def add(self, row: dict) -> None:
-        self._writer.writerow(row)
-        self._file.flush()
+        try:
+            self._writer.writerow(row)
+            self._file.flush()
+        except OSError as err:  # a full disk or quota: the rows flushed so far stay for the rerun
+            raise CoTexNetError(f"{self.partial}: could not be written ({err.strerror}); "
+                                "free space and rerun to continue") from err
         self.rows[row["roi_name"]] = {k: str(v) for k, v in row.items()}
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:
+            pass  # every row is flushed in add(): only the write that add() already reported can fail here
 
     def finalize(self, order: list[str]) -> pd.DataFrame:
         """Write the final CSV (rows in `order`, each once) atomically; remove the partial files.
@@ -151,7 +164,10 @@ def load_prompts(csv_path: str | Path, spec) -> dict[str, str]:
         raise CoTexNetError(f"{csv_path}: text CSV not found (run get_text.py first)")
     try:
         table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+    except UnicodeDecodeError as err:
+        raise CoTexNetError(f"{csv_path}: not UTF-8 text (byte {err.object[err.start]:#x} at {err.start}); "
+                            "save it as UTF-8") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         raise CoTexNetError(f"{csv_path}: not a readable CSV ({err})") from None
     table = table.loc[:, [c for c in table.columns if not c.startswith("Unnamed:")]]
     if "roi_name" not in table.columns or not {"text", "text_prompt"} & set(table.columns):

@@ -15,6 +15,7 @@ Built from the stock `transformers` CLIPSeg modules (no forked library code):
 from __future__ import annotations
 
 import copy
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,7 +85,7 @@ def _load_clipseg(clipseg, attn_implementation: str | None) -> tuple[CLIPSegForI
             # float32 whatever the stored dtype: training runs under AMP, parity needs float32.
             model = CLIPSegForImageSegmentation.from_pretrained(
                 name, dtype=torch.float32, attn_implementation=attn_implementation)
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, pickle.UnpicklingError) as err:
             raise CoTexNetError(f"{name}: cannot load a CLIPSeg model from it ({str(err).splitlines()[0]})") from err
     # An absolute path for local folders, so that a checkpoint finds its base from anywhere.
     if name is not None and Path(name).is_dir():

@@ -22,6 +22,7 @@ import copy
 import hashlib
 import json
 import pickle
+import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -196,6 +197,11 @@ _lenient_pickle = SimpleNamespace(__name__="pickle", Unpickler=_LenientUnpickler
 def _read_paper_file(pth: Path, trust_pickle: bool) -> dict:
     if not pth.is_file():
         raise CoTexNetError(f"{pth}: not found")
+    with open(pth, "rb") as f:
+        pickled = f.read(1) == b"\x80"  # the pickle protocol opcode: torch's legacy (non-zip) format
+    if not pickled and not zipfile.is_zipfile(pth):
+        # else torch reports any non-checkpoint as a pickle the user would have to trust
+        raise CoTexNetError(f"{pth}: not a readable torch checkpoint (neither torch's zip format nor a pickle)")
     try:
         if trust_pickle:
             return torch.load(pth, map_location="cpu", weights_only=False, pickle_module=_lenient_pickle)

@@ -1,0 +1,143 @@
+"""Faults (issue 7): kill -9 of get_text.py and train.py at chosen moments, then a rerun or
+--resume; a full disk. Nothing finished is lost, nothing half-written passes for complete."""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from tests.text_fixtures import synthetic  # noqa: F401 (session fixture: 50 ROIs)
+from tests.train_fixtures import REPO, train_setup  # noqa: F401 (session fixture)
+
+pytestmark = pytest.mark.slow
+
+
+def env() -> dict:
+    """Offline, no progress bars; built at call time so that it carries conftest's network guard."""
+    return dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TQDM_DISABLE="1")
+
+
+def get_text(dataset, out, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, REPO / "get_text.py", "--dataset-name", "synthetic", "--dataset-path",
+                             dataset, "--describer", "geometry", "--out", out], cwd=REPO, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def rows(path) -> set[tuple]:
+    return set(pd.read_csv(path, dtype=str, keep_default_na=False).itertuples(index=False, name=None))
+
+
+def kill_after_rows(dataset, out, target: int, extra_delay: float) -> int | None:
+    """Start get_text, kill -9 it once its partial CSV holds `target` rows (+ `extra_delay` s);
+    returns the rows the partial file had when killed (None if it finished first)."""
+    partial = out.with_name(f"{out.stem}.partial.csv")
+    proc = get_text(dataset, out)
+    while proc.poll() is None:
+        if partial.exists() and partial.read_bytes().count(b"\n") - 1 >= target:
+            time.sleep(extra_delay)
+            proc.send_signal(signal.SIGKILL)
+            proc.communicate()
+            return partial.read_bytes().count(b"\n") - 1 if partial.exists() else 0
+        time.sleep(0.001)
+    proc.communicate()
+    return None
+
+
+def test_get_text_killed_repeatedly_then_rerun_gives_the_uninterrupted_rows(synthetic, tmp_path):  # noqa: F811
+    """Three rounds; in each, two kill -9 at random points of the writing (seeded), then a rerun
+    to the end: the final CSV has the uninterrupted run's rows, each once, and no partial file."""
+    reference = tmp_path / "reference.csv"
+    assert get_text(synthetic, reference).wait(timeout=300) == 0
+    total = len(rows(reference))
+    assert total == 50
+    rng = np.random.default_rng(7)
+    killed_at = []
+    for round_ in range(3):
+        out = tmp_path / f"round{round_}" / "text.csv"
+        for target in sorted(rng.integers(0, 45, size=2)):
+            killed_at.append(kill_after_rows(synthetic, out, int(target), float(rng.uniform(0, 0.02))))
+            assert not out.exists()  # a killed run never leaves a final CSV that looks complete
+        done = get_text(synthetic, out)
+        _, err = done.communicate(timeout=300)
+        assert done.returncode == 0, err
+        assert rows(out) == rows(reference)
+        assert len(pd.read_csv(out)) == total and not list(out.parent.glob("*.partial*"))
+    # the kills really landed while rows were being written (not before the start or after the end)
+    assert sum(k is not None and 0 < k < total for k in killed_at) >= 3, killed_at
+
+
+def test_get_text_on_a_full_disk_says_so_and_a_rerun_continues(synthetic, tmp_path):  # noqa: F811
+    """A file size limit (what a full disk looks like to the writer): one line naming the file,
+    exit 2, the rows written so far kept; with space again, the rerun finishes them."""
+    out = tmp_path / "text.csv"
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (3000, 3000))  # Python ignores SIGXFSZ: writes fail with EFBIG
+
+    proc = get_text(synthetic, out, preexec_fn=small_files)
+    _, err = proc.communicate(timeout=300)
+    partial = tmp_path / "text.partial.csv"
+    assert proc.returncode == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith(f"error: {partial}: could not be written (File too large)")
+    assert not out.exists()
+    kept = partial.read_bytes().count(b"\n") - 1  # the header; the row cut by the failed write has no newline
+    assert 0 < kept < 50
+    assert get_text(synthetic, out).wait(timeout=300) == 0
+    assert len(pd.read_csv(out)) == 50
+
+
+def test_make_roi_on_a_full_disk_leaves_no_half_written_roi(synthetic_root, tmp_path):
+    import shutil
+
+    data = shutil.copytree(synthetic_root / "synthetic", tmp_path / "synthetic")
+    proc = subprocess.run([sys.executable, REPO / "data_process" / "make_ROI_img.py", "--dataset-name", "synthetic",
+                           "--dataset-path", data, "--workers", "1"], env=env(), capture_output=True, text=True,
+                          timeout=120, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000)))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {data / 'ROIs'}/syn_0000.jpg: could not be written")
+    assert not list((data / "ROIs").iterdir())  # neither the ROI nor its temporary file
+
+
+def test_train_killed_mid_epoch_resumes_from_the_last_finished_epoch(train_setup, tmp_path):  # noqa: F811
+    """kill -9 during epoch 2 (epoch 1 finished and saved), then --resume: the run goes on from
+    epoch 2 with the same config, and the log holds each epoch once."""
+    cfg = yaml.safe_load(train_setup["config"].read_text())
+    cfg["TRAIN"].update(epochs=3, input_size=32, amp=False, device="cpu", cpu_threads=1, num_overlays=0,
+                        run_name="killed", run_dir=str(tmp_path / "runs"))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "runs" / "killed"
+    stderr = tmp_path / "train.stderr"
+    with open(stderr, "w") as err:
+        proc = subprocess.Popen([sys.executable, "train.py", "--config", tmp_path / "config.yaml"], cwd=REPO,
+                                env={k: v for k, v in env().items() if k != "TQDM_DISABLE"}, stdout=subprocess.PIPE, stderr=err, text=True)
+        deadline = time.time() + 240
+        # the bar of epoch 2 shows that epoch 1 is finished, saved and logged
+        while "epoch 2 train" not in stderr.read_text() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, stderr.read_text()[-3000:]
+    config_before = (run / "config.yaml").read_text()
+    log_before = pd.read_csv(run / "log.csv")
+    finished = len(log_before)  # 1, or 2 on a machine fast enough to finish epoch 2 within the poll
+    assert list(log_before["epoch"]) == list(range(1, finished + 1)) and finished < 3
+    assert not (run / "metrics.json").exists()
+
+    resumed = subprocess.run([sys.executable, "train.py", "--resume", run], cwd=REPO, env=env(), capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (run / "config.yaml").read_text() == config_before
+    log = pd.read_csv(run / "log.csv")
+    assert list(log["epoch"]) == [1, 2, 3]
+    pd.testing.assert_frame_equal(log.iloc[:finished], log_before)  # finished epochs were not trained again
+    assert f"epoch {finished}/3" not in resumed.stdout and f"epoch {finished + 1}/3" in resumed.stdout
+    assert (run / "metrics.json").is_file()
