@@ -1,0 +1,184 @@
+"""train.py, evaluate.py and predict.py end to end on the tiny model and 12 synthetic images:
+outputs, resume, bad input, and a 2-process run. Training runs as a user runs it (a subprocess);
+evaluate/predict and the error paths call the scripts' `main` in-process (the same code path
+minus ~10 s of imports per call on 2 cores)."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+from safetensors.torch import load_file
+
+import evaluate
+import predict
+import train
+from common.errors import CoTexNetError
+from tests.train_fixtures import REPO, run_script, train_setup  # noqa: F401
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained_run(train_setup):  # noqa: F811
+    """One uninterrupted 3-epoch run, shared by the tests that read its folder."""
+    result = run_script("train.py", "--config", train_setup["config"], "TRAIN.run_name=full")
+    return train_setup["runs"] / "full", result
+
+
+def test_train_writes_the_run_folder(trained_run):
+    run, result = trained_run
+    for name in ("config.yaml", "log.csv", "curves.png", "metrics.json", "test_per_image.csv",
+                 "best/model.safetensors", "best/config.json", "last/model.safetensors", "last/training_state.pt"):
+        assert (run / name).is_file(), name
+    log = pd.read_csv(run / "log.csv")
+    assert list(log["epoch"]) == [1, 2, 3]
+    assert {"train_loss", "train_seg", "train_kl", "lr", "val_dice", "val_iou", "time_s"} <= set(log.columns)
+    assert list((run / "overlays").glob("epoch0001_*.png"))  # the first epoch is always a best
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test"]["images"] == 2 and metrics["val"]["images"] == 2
+    assert len(pd.read_csv(run / "test_per_image.csv")) == 2
+    assert "test" in result.stdout and "dice" in result.stdout and str(run) in result.stdout
+
+
+def test_existing_run_folder_is_not_overwritten(trained_run, train_setup):  # noqa: F811
+    with pytest.raises(CoTexNetError, match="exists and is not empty.*--resume"):
+        train.main(["--config", str(train_setup["config"]), "TRAIN.run_name=full"])
+
+
+def test_config_typo_names_the_key(train_setup):  # noqa: F811
+    with pytest.raises(CoTexNetError, match=r"unknown config key 'TRAIN.epoch'.*did you mean TRAIN.epochs"):
+        train.main(["--config", str(train_setup["config"]), "TRAIN.epoch=5"])
+
+
+def test_evaluate_at_original_resolution(trained_run, train_setup, capsys):  # noqa: F811
+    run, _ = trained_run
+    evaluate.main(["--run", str(run), "--split", "test", "--overlays", "1"])
+    out = run / "eval_test"
+    rows = pd.read_csv(out / "per_image.csv")
+    assert sorted(rows["name"]) == train_setup["names"][10:]
+    for name in rows["name"]:
+        mask = cv2.imread(str(out / "masks" / name.replace(".jpg", ".png")), cv2.IMREAD_UNCHANGED)
+        image = cv2.imread(str(train_setup["root"] / "synthetic" / "images" / name))
+        assert mask.shape == image.shape[:2]  # the original size, not the 64x64 input
+        assert set(np.unique(mask)) <= {0, 255}
+    assert len(list((out / "overlays").glob("*.png"))) == 1
+    assert json.loads((out / "metrics.json").read_text())["resolution"] == "original"
+    assert "test" in capsys.readouterr().out
+
+
+def test_predict_new_images_lists_unreadable_ones(trained_run, train_setup, tmp_path, capsys):  # noqa: F811
+    run, _ = trained_run
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in train_setup["names"][:3]:
+        shutil.copy(train_setup["root"] / "synthetic" / "images" / name, inputs / name)
+    (inputs / "broken.png").write_bytes(b"not an image")
+    (inputs / "notes.txt").write_text("ignored: not an image suffix")
+    predict.main(["--run", str(run), "--input", str(inputs), "--output", str(tmp_path / "out"), "--overlay",
+                  "--batch-size", "2"])
+    out = capsys.readouterr().out
+    assert "broken.png" in out and "3 mask(s) written" in out
+    for name in train_setup["names"][:3]:
+        mask = cv2.imread(str(tmp_path / "out" / name.replace(".jpg", ".png")), cv2.IMREAD_UNCHANGED)
+        assert mask.shape == cv2.imread(str(inputs / name)).shape[:2]
+        assert (tmp_path / "out" / "overlays" / name.replace(".jpg", ".png")).is_file()
+    assert "broken.png" in (tmp_path / "out" / "unreadable.txt").read_text()
+    with pytest.raises(CoTexNetError, match="inside the input folder"):
+        predict.main(["--run", str(run), "--input", str(inputs), "--output", str(inputs / "masks")])
+    with pytest.raises(CoTexNetError, match="not a run folder"):
+        predict.main(["--run", str(tmp_path), "--input", str(inputs), "--output", str(tmp_path / "o2")])
+
+
+def test_resume_after_ctrl_c_reaches_the_same_weights(trained_run, train_setup):  # noqa: F811
+    """Ctrl-C during epoch 1 finishes that epoch and saves last/; --resume then runs the rest.
+    Exact: the optimizer, schedule, every RNG and the loader's shuffle generator are restored."""
+    full, _ = trained_run
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    stderr = train_setup["work"] / "interrupted.stderr"
+    with open(stderr, "w") as err:
+        proc = subprocess.Popen([sys.executable, "train.py", "--config", str(train_setup["config"]),
+                                 "TRAIN.run_name=interrupted"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=err, text=True)
+        deadline = time.time() + 240
+        while "epoch 1 train" not in stderr.read_text() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)  # the progress bar's title: the Ctrl-C handler is installed
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=240)
+    run = train_setup["runs"] / "interrupted"
+    assert proc.returncode == 130, out + stderr.read_text()
+    assert "--resume" in out
+    assert len(pd.read_csv(run / "log.csv")) < 3  # stopped early: there is something left to resume
+    run_script("train.py", "--resume", run)
+    for folder in ("last", "best"):
+        a, b = load_file(full / folder / "model.safetensors"), load_file(run / folder / "model.safetensors")
+        assert a.keys() == b.keys()
+        assert all((a[k] == b[k]).all() for k in a), folder
+    columns = ["epoch", "train_loss", "val_dice", "lr"]
+    pd.testing.assert_frame_equal(pd.read_csv(full / "log.csv")[columns], pd.read_csv(run / "log.csv")[columns])
+
+
+def test_resume_of_a_folder_that_is_not_a_run(tmp_path):
+    with pytest.raises(CoTexNetError, match="not a run folder"):
+        train.main(["--resume", str(tmp_path)])
+
+
+def test_train_data_ratio_takes_a_seeded_subset(train_setup):  # noqa: F811
+    from train_utils import data
+    from train_utils.config import load_config
+
+    cfg = load_config(train_setup["config"], ["TRAIN.train_data_ratio=0.5"])
+    half = data.split_frame(cfg, "train")
+    assert len(half) == 4 and set(half["img_name"]) < set(train_setup["names"][:8])
+    assert half.equals(data.split_frame(cfg, "train"))  # the same subset every time (and on every process)
+    assert len(data.split_frame(cfg, "val")) == 2  # validation is never subsampled
+
+
+def test_two_process_accelerate_run(train_setup):  # noqa: F811
+    """DDP on 2 CPU processes: every val/test image counted once, one set of checkpoints."""
+    port = 29500 + os.getpid() % 1000
+    result = run_script("-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
+                        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port,
+                        "train.py", "--config", train_setup["config"], "TRAIN.run_name=ddp", "TRAIN.epochs=2",
+                        "TRAIN.cpu_threads=1")
+    run = train_setup["runs"] / "ddp"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["val"]["images"] == 2 and metrics["test"]["images"] == 2
+    assert sorted(pd.read_csv(run / "test_per_image.csv")["name"]) == train_setup["names"][10:]
+    assert list(pd.read_csv(run / "log.csv")["epoch"]) == [1, 2]
+    assert result.stdout.count("best epoch") == 1  # printed by the main process only
+
+
+def test_multiclass_run_reports_each_class(train_setup, tmp_path, capsys):  # noqa: F811
+    """One epoch on the 3-class synthetic set (in-process): softmax head, per-class metrics."""
+    import yaml
+
+    from data_process.registry import get_spec, roi_name
+
+    root = train_setup["root"]
+    spec = get_spec("synthetic_multiclass")
+    names = sorted(p.name for p in (root / "synthetic_multiclass" / "images").iterdir())
+    masks = sorted(p.name for p in (root / "synthetic_multiclass" / "masks").iterdir())
+    for split, part in (("train", slice(0, 4)), ("val", slice(4, 6)), ("test", slice(6, 8))):
+        pd.DataFrame(dict(dataset="synthetic_multiclass", img_name=names[part], mask_name=masks[part])).to_csv(
+            tmp_path / f"{split}_data.csv", index=False)
+    rois = [roi_name(os.path.splitext(n)[0], c) for n in names for c in spec.categories]
+    pd.DataFrame(dict(roi_name=rois, text="{}", text_prompt="1 round small area, located in the center of the image.")
+                 ).to_csv(tmp_path / "text.csv", index=False)
+    config = yaml.safe_load(train_setup["config"].read_text())
+    config["DATASET"].update(dataset_name="synthetic_multiclass", num_classes=len(spec.categories) + 1,
+                             split_dir=str(tmp_path), text_csv=str(tmp_path / "text.csv"))
+    config["TRAIN"].update(epochs=1, run_dir=str(tmp_path / "runs"), run_name="mc")
+    (tmp_path / "mc.yaml").write_text(yaml.safe_dump(config))
+    train.main(["--config", str(tmp_path / "mc.yaml")])
+    metrics = json.loads((tmp_path / "runs" / "mc" / "metrics.json").read_text())
+    for category in spec.categories:
+        assert f"dice_{category}" in metrics["test"]
+    assert "test" in capsys.readouterr().out

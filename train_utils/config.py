@@ -1,0 +1,192 @@
+"""The training configuration: the paper's YAML keys, KEY=VALUE overrides, validation.
+
+`load_config(path, overrides)` reads `dataset_config/train_config.yaml` (or any file with the
+same sections), applies overrides such as `TRAIN.epochs=5`, checks every key and value, and
+returns a `Config` of plain dataclasses. A typo, a wrong type or an impossible value is a
+`CoTexNetError` naming the key (and the closest known key, for typos).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from common.errors import CoTexNetError
+
+
+@dataclass
+class ModelConfig:
+    model_name: str = "CoTexNet"
+    clipseg_hf_api: str = "CIDAS/clipseg-rd64-refined"  # hub id or a local from_pretrained folder
+
+
+@dataclass
+class DatasetConfig:
+    dataset_name: str = "kvasir"
+    num_classes: int = 2  # categories + 1 (background counted), as in the paper
+    root_dir: str = "data_process"  # <root_dir>/<dataset_name>/{images,masks,ROIs}
+    split_dir: str = "data_process"  # {train,val,test}_data.csv
+    text_csv: str = ""  # "" = text_file/<dataset_name>/<dataset_name>_text_out.csv
+    keyword: str | None = None  # only for datasets the registry does not know
+
+
+@dataclass
+class TrainConfig:
+    device: str = "auto"  # auto | cpu | cuda; several GPUs: `accelerate launch train.py`
+    random_seed: int = 666
+    input_size: int = 224
+    train_data_ratio: float = 1.0  # fraction of the training split used (seeded subset)
+    batch_size: int = 16
+    num_workers: int = 4
+    epochs: int = 500
+    lr: float = 3e-4
+    warmup_lr: float = 3e-5
+    warmup_epoch: int = 0
+    weight_decay: float = 1e-4
+    patience: int = 50  # counted only after the first fifth of the epochs
+    print_freq: int = 10  # iterations between progress-bar loss updates
+    start_epoch: int = 0  # the paper's key; continuing a run is `--resume RUN_DIR`
+    save_best: bool = True  # keep the best validation Dice and test it; False: test the last
+    amp: bool = True  # bf16 autocast (fp16 + grad scaler on GPUs without bf16)
+    seg_weight: float = 1.0
+    kl_weight: float = 10.0
+    cpu_threads: int = 0  # torch intra-op threads; 0 = torch's default
+    num_overlays: int = 4  # validation images drawn each time the best improves
+    run_dir: str = "runs"
+    run_name: str = ""  # "" = <dataset_name>_<date-time>
+
+
+@dataclass
+class Config:
+    MODEL: ModelConfig = field(default_factory=ModelConfig)
+    DATASET: DatasetConfig = field(default_factory=DatasetConfig)
+    TRAIN: TrainConfig = field(default_factory=TrainConfig)
+
+    def text_csv(self) -> Path:
+        name = self.DATASET.dataset_name
+        return Path(self.DATASET.text_csv or f"text_file/{name}/{name}_text_out.csv")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _suggest(name: str, known) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]}?)" if close else f" (known: {', '.join(known)})"
+
+
+def _check_type(key: str, value, hint):
+    """Return `value` as the field's type, or raise naming the key. int is accepted for float."""
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None and type(None) in allowed:
+        return None
+    for kind in allowed:
+        # bool is an int subclass in Python: `epochs: true` must not pass as 1.
+        if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if kind is float and isinstance(value, str):
+            # PyYAML reads 1e-3 (no dot) as a string: accept what float() accepts.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if kind in (int, str) and type(value) is kind:
+            return value
+        if kind is bool and isinstance(value, bool):
+            return value
+    names = " or ".join("null" if k is type(None) else k.__name__ for k in allowed)
+    raise CoTexNetError(f"{key}: expected {names}, got {value!r} ({type(value).__name__})")
+
+
+def _set(config: Config, key: str, value) -> None:
+    section_name, _, field_name = key.partition(".")
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    if section_name not in sections or not field_name:
+        raise CoTexNetError(f"unknown config key {key!r}{_suggest(key, _all_keys())}")
+    section = getattr(config, section_name)
+    hints = typing.get_type_hints(type(section))
+    if field_name not in hints:
+        raise CoTexNetError(f"unknown config key {key!r}{_suggest(key, _all_keys())}")
+    setattr(section, field_name, _check_type(key, value, hints[field_name]))
+
+
+def _all_keys() -> list[str]:
+    return [f"{s.name}.{f.name}" for s in dataclasses.fields(Config) for f in dataclasses.fields(s.default_factory)]
+
+
+def _validate(config: Config) -> None:
+    t, d = config.TRAIN, config.DATASET
+    rules = [
+        ("MODEL.model_name", config.MODEL.model_name == "CoTexNet", "must be CoTexNet (the only model here)"),
+        ("DATASET.num_classes", d.num_classes >= 2, "must be >= 2 (categories + 1 background; binary is 2)"),
+        ("DATASET.dataset_name", bool(d.dataset_name.strip()), "must not be empty"),
+        ("TRAIN.device", t.device in ("auto", "cpu", "cuda"), "must be auto, cpu or cuda"),
+        ("TRAIN.input_size", t.input_size >= 32 and t.input_size % 16 == 0, "must be a multiple of 16, at least 32"),
+        ("TRAIN.train_data_ratio", 0 < t.train_data_ratio <= 1, "must be in (0, 1]"),
+        ("TRAIN.batch_size", t.batch_size >= 1, "must be >= 1"),
+        ("TRAIN.num_workers", t.num_workers >= 0, "must be >= 0"),
+        ("TRAIN.epochs", t.epochs >= 1, "must be >= 1"),
+        ("TRAIN.lr", t.lr > 0, "must be > 0"),
+        ("TRAIN.warmup_lr", t.warmup_lr > 0, "must be > 0 (the learning rate the warm-up starts from)"),
+        ("TRAIN.warmup_epoch", 0 <= t.warmup_epoch < t.epochs, "must be >= 0 and below TRAIN.epochs"),
+        ("TRAIN.weight_decay", t.weight_decay >= 0, "must be >= 0"),
+        ("TRAIN.patience", t.patience >= 1, "must be >= 1"),
+        ("TRAIN.print_freq", t.print_freq >= 1, "must be >= 1"),
+        ("TRAIN.start_epoch", t.start_epoch == 0, "must be 0: continue a run with `train.py --resume RUN_DIR`, "
+                                                   "which restores the optimizer, schedule and RNG as well"),
+        ("TRAIN.seg_weight", t.seg_weight >= 0, "must be >= 0"),
+        ("TRAIN.kl_weight", t.kl_weight >= 0, "must be >= 0"),
+        ("TRAIN.cpu_threads", t.cpu_threads >= 0, "must be >= 0"),
+        ("TRAIN.num_overlays", t.num_overlays >= 0, "must be >= 0"),
+    ]
+    for key, ok, why in rules:
+        if not ok:
+            value = getattr(getattr(config, key.split(".")[0]), key.split(".")[1])
+            raise CoTexNetError(f"{key}: {value!r} {why}")
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """`TRAIN.epochs=5` -> ("TRAIN.epochs", 5); the value is read as YAML (numbers, true, null)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise CoTexNetError(f"override {text!r}: expected SECTION.key=value, e.g. TRAIN.epochs=5")
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise CoTexNetError(f"override {text!r}: the value is not valid YAML ({err.problem})") from err
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Defaults <- the YAML file at `path` (if given) <- `overrides`; validated."""
+    config = Config()
+    if path is not None:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except OSError as err:
+            raise CoTexNetError(f"{path}: cannot read the config ({err.strerror})") from err
+        except yaml.YAMLError as err:
+            raise CoTexNetError(f"{path}: not valid YAML ({err})") from err
+        if not isinstance(data, dict):
+            raise CoTexNetError(f"{path}: expected sections MODEL, DATASET, TRAIN at the top level")
+        for section, values in data.items():
+            if not isinstance(values, dict):
+                raise CoTexNetError(f"{path}: section {section!r} must be a mapping of keys{_suggest(str(section), ['MODEL', 'DATASET', 'TRAIN'])}")
+            for key, value in values.items():
+                try:
+                    _set(config, f"{section}.{key}", value)
+                except CoTexNetError as err:
+                    raise CoTexNetError(f"{path}: {err}") from None
+    for text in overrides:
+        _set(config, *parse_override(text))
+    _validate(config)
+    return config
