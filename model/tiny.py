@@ -71,7 +71,14 @@ def real_size_clipseg_config() -> CLIPSegConfig:
 def build_clipseg(config: CLIPSegConfig, seed: int = 0) -> CLIPSegForImageSegmentation:
     """A CLIPSeg with random weights from `config` (deterministic for a seed)."""
     torch.manual_seed(seed)
-    return CLIPSegForImageSegmentation(config).eval()
+    model = CLIPSegForImageSegmentation(config).eval()
+    # transformers' CLIPSeg init draws decoder weights with std ~1 (fine for CLIP, which is
+    # always loaded pretrained): initial logits then have std ~66 and a decoder trained from
+    # scratch does not learn. PyTorch's default layer init instead.
+    for module in model.decoder.modules():
+        if module is not model.decoder and hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    return model
 
 
 def save_clipseg_folder(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
