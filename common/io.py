@@ -1,4 +1,6 @@
-"""Atomic writes: a file is written under a temporary name in its folder, then renamed.
+"""File helpers: atomic writes, and CSV reading with one-line errors.
+
+Atomic writes: a file is written under a temporary name in its folder, then renamed.
 
 A reader (or a restarted run) therefore sees either the previous complete file or the new
 complete file, never a half-written one.
@@ -10,8 +12,10 @@ import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterator
+
+import pandas as pd
 
 from common.errors import CoTexNetError
 
@@ -40,6 +44,25 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def read_csv(path: str | os.PathLike, columns: Iterable[str] = (), missing_hint: str = "") -> pd.DataFrame:
+    """A CSV as strings (empty cells stay ""), or a one-line error naming the file: missing
+    (`missing_hint` says how to make it), not UTF-8, unparsable, or without `columns`."""
+    path = Path(path)
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except FileNotFoundError as err:
+        raise CoTexNetError(f"{path}: no such file{' (' + missing_hint + ')' if missing_hint else ''}") from err
+    except UnicodeDecodeError as err:
+        raise CoTexNetError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#x} at {err.start}); "
+                            "save it as UTF-8") from err
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise CoTexNetError(f"{path}: not a readable CSV ({err})") from err
+    missing = [column for column in columns if column not in table.columns]
+    if missing:
+        raise CoTexNetError(f"{path}: missing columns {missing} (has {list(table.columns)})")
+    return table
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from common.errors import CoTexNetError, run_cli
-from common.io import atomic_path
+from common.io import atomic_path, read_csv
 from data_process.registry import get_spec, pair_files
 
 SPLITS = ("train", "val", "test")
@@ -46,7 +46,7 @@ def split_pairs(pairs: list[tuple[str, str]], ratios=(0.8, 0.1, 0.1), seed: int 
 
 def pairs_from_list(pairs: list[tuple[str, str]], list_csv: Path) -> dict[str, list]:
     """The split of a given list (columns img_name, split); every listed image must have a mask."""
-    table = _read_csv(list_csv, ["img_name", "split"])
+    table = read_csv(list_csv, ["img_name", "split"])
     bad = sorted(set(table["split"]) - set(SPLITS))
     if bad:
         raise CoTexNetError(f"{list_csv}: split must be train, val or test, found {bad[:5]}")
@@ -58,26 +58,12 @@ def pairs_from_list(pairs: list[tuple[str, str]], list_csv: Path) -> dict[str, l
             for split in SPLITS}
 
 
-def _read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except UnicodeDecodeError as err:
-        raise CoTexNetError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#x} at {err.start}); "
-                            "save it as UTF-8") from err
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-        raise CoTexNetError(f"{path}: cannot read ({err})") from err
-    missing = [column for column in columns if column not in table.columns]
-    if missing:
-        raise CoTexNetError(f"{path}: missing columns {missing} (has {list(table.columns)})")
-    return table
-
-
 def merge_split(path: Path, dataset_name: str, pairs: list[tuple[str, str]]) -> pd.DataFrame:
     """The rows of split file `path` with `dataset_name`'s rows replaced by `pairs`."""
     rows = pd.DataFrame([(dataset_name, image, mask) for image, mask in pairs], columns=COLUMNS)
     if not path.exists():
         return rows
-    old = _read_csv(path, COLUMNS)[COLUMNS]
+    old = read_csv(path, COLUMNS)[COLUMNS]
     return pd.concat([old[old["dataset"] != dataset_name], rows], ignore_index=True)
 
 

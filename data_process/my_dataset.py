@@ -19,6 +19,7 @@ import torch
 from torchvision import tv_tensors
 
 from common.errors import CoTexNetError
+from common.io import read_csv
 from data_process.registry import DatasetSpec, read_image, read_mask
 
 SPLIT_COLUMNS = ["dataset", "img_name", "mask_name"]
@@ -30,18 +31,7 @@ def read_split(csv_path, dataset_name: str) -> pd.DataFrame:
 
     Repeated rows are dropped with a warning; one image listed with two masks is an error."""
     csv_path = Path(csv_path)
-    try:
-        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    except FileNotFoundError as err:
-        raise CoTexNetError(f"{csv_path}: no such split file (make it with data_process/make_splits.py)") from err
-    except UnicodeDecodeError as err:
-        raise CoTexNetError(f"{csv_path}: not UTF-8 text (byte {err.object[err.start]:#x} at {err.start}); "
-                            "save it as UTF-8") from err
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-        raise CoTexNetError(f"{csv_path}: cannot read ({err})") from err
-    missing = [column for column in SPLIT_COLUMNS if column not in table.columns]
-    if missing:
-        raise CoTexNetError(f"{csv_path}: missing columns {missing} (has {list(table.columns)})")
+    table = read_csv(csv_path, SPLIT_COLUMNS, missing_hint="make it with data_process/make_splits.py")
     rows = table[table["dataset"] == dataset_name]
     if rows.empty:
         held = sorted(set(table["dataset"]))

@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from common.errors import CoTexNetError
-from common.io import atomic_path
+from common.io import atomic_path, read_csv
 from data_process import registry
 from llava_inference.attributes import KEYS, AnswerError, Attributes, parse_answer
 
@@ -160,15 +160,7 @@ def load_prompts(csv_path: str | Path, spec) -> dict[str, str]:
     A row without `text_prompt` gets the sentence rebuilt from the JSON in `text`.
     """
     csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise CoTexNetError(f"{csv_path}: text CSV not found (run get_text.py first)")
-    try:
-        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    except UnicodeDecodeError as err:
-        raise CoTexNetError(f"{csv_path}: not UTF-8 text (byte {err.object[err.start]:#x} at {err.start}); "
-                            "save it as UTF-8") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-        raise CoTexNetError(f"{csv_path}: not a readable CSV ({err})") from None
+    table = read_csv(csv_path, missing_hint="the text CSV: run get_text.py first")
     table = table.loc[:, [c for c in table.columns if not c.startswith("Unnamed:")]]
     if "roi_name" not in table.columns or not {"text", "text_prompt"} & set(table.columns):
         raise CoTexNetError(f"{csv_path}: needs columns roi_name and text_prompt (or text); has {list(table.columns)}")
