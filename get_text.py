@@ -12,7 +12,7 @@ Results are appended to a .partial CSV as they come: rerunning after a crash or 
 the ROIs already done (--overwrite starts over).
 
 One process spreads the model over every visible GPU. Data parallel: `accelerate launch
---multi_gpu --num_processes N get_text.py ...` (or torchrun; CPU-only machines: torchrun)
+--multi_gpu --num_processes N get_text.py ...` (also on CPU-only machines, over gloo)
 gives each process a shard of the ROIs and its own slice of the GPUs; the main process
 merges the shards into the final CSV (across nodes the output folder must be shared).
 
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     table = writer.finalize([item.roi_name for item in items])
     sources = Counter(table["source"])
     tries = table["tries"].astype(int)
-    print(f"{len(table)} rows ({earlier} from earlier runs); "
+    print(f"{len(table)} rows ({earlier} from earlier runs) by {state.num_processes} process(es); "
           f"sources: {dict(sources)}; tries: total {tries.sum()}, max {tries.max()}; "
           f"fallbacks to geometry: {sources.get('fallback', 0)}", file=sys.stderr)
     print(f"text CSV written to {out}")

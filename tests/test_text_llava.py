@@ -60,25 +60,29 @@ def test_bad_model_folders_are_named(tmp_path, tiny_llava):
     check_model_folder(tiny_llava)
 
 
-def _torchrun(folder, out, *extra):
-    """Two processes as `accelerate launch --multi_gpu` starts them (torchrun), here on CPU over gloo."""
+def _two_processes(folder, out, *extra):
+    """`accelerate launch --multi_gpu --num_processes 2`: on a CPU-only machine, two processes over gloo."""
+    import os
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(root / "get_text.py"),
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(29500 + os.getpid() % 1000), str(root / "get_text.py"),
                "--dataset-name", folder.name, "--dataset-path", str(folder), "--out", str(out), *extra]
     done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "by 2 process(es)" in done.stderr
     return pd.read_csv(out)
 
 
 @pytest.mark.slow
 def test_two_processes_shard_and_merge(synthetic, tiny_llava, tmp_path):
     single = _run(synthetic, tiny_llava, tmp_path / "one.csv", "--describer", "geometry")
-    pd.testing.assert_frame_equal(_torchrun(synthetic, tmp_path / "two.csv", "--describer", "geometry"), single)
-    table = _torchrun(synthetic, tmp_path / "llava.csv", "--model-path", str(tiny_llava), "--batch-size", "25",
+    pd.testing.assert_frame_equal(_two_processes(synthetic, tmp_path / "two.csv", "--describer", "geometry"), single)
+    table = _two_processes(synthetic, tmp_path / "llava.csv", "--model-path", str(tiny_llava), "--batch-size", "25",
                       "--max-new-tokens", "120")
     assert list(table["roi_name"]) == list(single["roi_name"])
     assert set(table["source"]) == {"llava", "geometry"} and (table.loc[table["source"] == "llava", "tries"] == 1).all()
