@@ -4,6 +4,8 @@
 
 Writes <output>/<image stem>.png at each image's original size (binary: 0/255; multi-class:
 the class ids 0..K), and with --overlay <output>/overlays/<stem>.png (image | prediction).
+Mask names are the image stems, as in the dataset layout: input images that share a stem
+(a.jpg and a.png) are refused up front, listed, rather than one mask silently replacing the other.
 Unreadable images are listed (and written to <output>/unreadable.txt); the rest are processed.
 """
 
@@ -62,6 +64,13 @@ def input_files(source: Path, output: Path) -> list[Path]:
     files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise CoTexNetError(f"--input {source}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    by_stem: dict[str, list[str]] = {}
+    for path in files:
+        by_stem.setdefault(path.stem, []).append(path.name)
+    shared = [" and ".join(names) for names in by_stem.values() if len(names) > 1]
+    if shared:
+        raise CoTexNetError(f"--input {source}: images that would write the same mask <stem>.png: "
+                            f"{'; '.join(shared)}; rename or move one of each")
     return files
 
 

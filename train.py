@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from common.errors import CoTexNetError, run_cli
 from common.io import write_json, write_text
+from data_process.registry import REGISTRY_FILE, known_datasets
 from llava_inference.text_to_csv import load_prompts
 from model.checkpoint import load_checkpoint
 from model.CoTexNet import CoTexNet
@@ -36,7 +37,8 @@ DEFAULT_CONFIG = "dataset_config/train_config.yaml"
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default: {DEFAULT_CONFIG})")
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue this run with its saved config and state")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue this run with its saved config and state "
+                        "(a run stopped before its first last/ checkpoint starts over from epoch 1)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. TRAIN.epochs=5")
     return parser.parse_args(argv)
 
@@ -51,6 +53,35 @@ def run_folder(cfg, resume: str | None) -> Path:
     return run
 
 
+def check_num_classes(cfg, spec) -> None:
+    """DATASET.num_classes must be the registry's: the head, the loss and the masks' labels follow it."""
+    name, wanted = cfg.DATASET.dataset_name, spec.num_classes
+    if cfg.DATASET.num_classes != wanted:
+        where = (f"{REGISTRY_FILE} gives {name} {wanted}" if name.lower() in map(str.lower, known_datasets())
+                 else f"{name} is not in {REGISTRY_FILE}, so it is binary: 2")
+        raise CoTexNetError(f"DATASET.num_classes: {cfg.DATASET.num_classes}, but {where} "
+                            "(categories + 1 background); fix the config or the registry entry")
+
+
+def load_tokenizer(name: str):
+    """The tokenizer of the CLIPSeg folder (or hub id), checked against the model's text vocabulary:
+    transformers builds an empty tokenizer (special tokens only) for a folder without tokenizer files."""
+    key, local = "MODEL.clipseg_hf_api", Path(name)
+    # A path-like value that is no folder would reach the hub as a malformed repo id.
+    if not local.is_dir() and (local.is_absolute() or name.startswith(".") or local.exists() or name.count("/") > 1):
+        raise CoTexNetError(f"{key}: no tokenizer at {name}: no such folder")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        vocab = getattr(getattr(AutoConfig.from_pretrained(name), "text_config", None), "vocab_size", None)
+    except (OSError, ValueError) as err:
+        raise CoTexNetError(f"{key}: no tokenizer at {name} ({str(err).splitlines()[0]})") from err
+    if vocab is not None and len(tokenizer) != vocab:  # None: not a CLIPSeg config, the model load says so
+        raise CoTexNetError(f"{key}: {name}: its tokenizer has {len(tokenizer)} tokens but the model's text "
+                            f"vocabulary {vocab}; tokenizer files missing or of another model "
+                            "(needs vocab.json + merges.txt, or tokenizer.json)")
+    return tokenizer
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.resume:
@@ -60,8 +91,15 @@ def main(argv: list[str] | None = None) -> None:
             raise CoTexNetError(f"--resume {args.resume}: not a run folder of train.py (no config.yaml)")
         cfg = load_config(Path(args.resume) / "config.yaml")
         state = engine.load_training_state(Path(args.resume))
+        if state is None:
+            print(f"{args.resume}: no last/ checkpoint (stopped during its first epoch): starting over from "
+                  "epoch 1 with its config.yaml")
     else:
         cfg, state = load_config(args.config, args.overrides), None
+    # Checked before the run folder is made: a wrong setting leaves nothing behind.
+    spec = data.spec(cfg)
+    check_num_classes(cfg, spec)
+    tokenizer = load_tokenizer(cfg.MODEL.clipseg_hf_api)
     run = run_folder(cfg, args.resume)
     accelerator = engine.make_accelerator(cfg)
     main_process = accelerator.is_main_process
@@ -71,12 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     set_seed(cfg.TRAIN.random_seed)  # the same on every process: they draw the same shuffles
 
     # Data: the training split carries the text prompts; validation and test are images only.
-    spec = data.spec(cfg)
     names = class_names(cfg.DATASET.num_classes, spec.categories)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.MODEL.clipseg_hf_api)
-    except OSError as err:
-        raise CoTexNetError(f"MODEL.clipseg_hf_api: no tokenizer at {cfg.MODEL.clipseg_hf_api} ({err})") from err
     prompts = load_prompts(cfg.text_csv(), spec)
     train_set = data.dataset(cfg, "train", tokenizer, prompts)
     val_set, test_set = data.dataset(cfg, "val"), data.dataset(cfg, "test")

@@ -65,6 +65,9 @@ def test_typo_in_yaml_file_names_file_and_key(tmp_path):
         load_config(path)
     with pytest.raises(CoTexNetError, match="cannot read"):
         load_config(tmp_path / "missing.yaml")
+    path.write_bytes("TRAIN:\n  run_name: caf\xe9\n".encode("latin-1"))  # saved by an old Windows editor
+    with pytest.raises(CoTexNetError, match=r"my.yaml: not UTF-8 text.*save it as UTF-8"):
+        load_config(path)
 
 
 def test_early_stopping_counts_patience_after_the_first_fifth():

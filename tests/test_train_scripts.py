@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -182,3 +183,65 @@ def test_multiclass_run_reports_each_class(train_setup, tmp_path, capsys):  # no
     for category in spec.categories:
         assert f"dice_{category}" in metrics["test"]
     assert "test" in capsys.readouterr().out
+
+
+def test_save_last_survives_a_kill_between_its_renames(train_setup, tmp_path, monkeypatch):  # noqa: F811
+    """save_last moves last/ to .last.old, then .last.tmp to last/: a kill between the two leaves
+    no last/; --resume must still find the newest complete state (and never a half-written one)."""
+    import torch
+    from accelerate import Accelerator
+
+    from model.checkpoint import load_checkpoint
+    from model.CoTexNet import CoTexNet
+    from train_utils import engine
+    from train_utils.config import load_config
+
+    cfg = load_config(train_setup["config"])
+    model = CoTexNet.from_clipseg(train_setup["work"] / "tiny_clipseg")
+    optimizer = engine.build_optimizer(model, cfg)
+    scheduler = engine.build_scheduler(optimizer, cfg, 2)
+    args = (model, optimizer, scheduler, Accelerator(cpu=True), engine.EarlyStopping(5, 10))
+    run = tmp_path / "run"
+    engine.save_last(run, *args, 1, torch.Generator())
+    rename = Path.rename
+
+    def killed_before_the_second_rename(self, target):
+        if self.name == ".last.tmp":
+            raise KeyboardInterrupt
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", killed_before_the_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        engine.save_last(run, *args, 2, torch.Generator())
+    monkeypatch.undo()
+    assert not (run / "last").exists() and (run / ".last.tmp").is_dir() and (run / ".last.old").is_dir()
+    assert engine.load_training_state(run)["epoch"] == 2  # the newer complete folder wins
+    assert load_checkpoint(run / "last")[1]["epoch"] == 2
+    assert sorted(p.name for p in run.iterdir()) == ["last"]
+
+    # Killed while writing .last.tmp (no state file yet) right after the first rename: .last.old it is.
+    (run / "last").rename(run / ".last.old")
+    (run / ".last.tmp").mkdir()
+    (run / ".last.tmp" / "model.safetensors").write_bytes(b"half")
+    assert engine.load_training_state(run)["epoch"] == 2 and sorted(p.name for p in run.iterdir()) == ["last"]
+
+    state = run / "last" / engine.STATE_FILE
+    state.write_bytes(state.read_bytes()[:1000])
+    with pytest.raises(CoTexNetError, match=r"last/training_state.pt: truncated or corrupt"):
+        engine.load_training_state(run)
+
+
+def test_resume_of_a_run_killed_in_its_first_epoch(train_setup, tmp_path, capsys):  # noqa: F811
+    """Killed before any last/ exists, a run folder holds only config.yaml: a fresh run refuses
+    the folder, so --resume starts it over from epoch 1 with that config."""
+    from train_utils.config import load_config
+
+    run = tmp_path / "killed"
+    run.mkdir()
+    cfg = load_config(train_setup["config"], ["TRAIN.epochs=1", "TRAIN.num_overlays=0", f"TRAIN.run_dir={tmp_path}",
+                                              "TRAIN.run_name=killed"])
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    train.main(["--resume", str(run)])
+    assert "starting over from epoch 1" in capsys.readouterr().out
+    assert list(pd.read_csv(run / "log.csv")["epoch"]) == [1]
+    assert (run / "last" / "training_state.pt").is_file() and (run / "metrics.json").is_file()

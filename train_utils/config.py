@@ -58,6 +58,7 @@ class TrainConfig:
     kl_weight: float = 10.0
     cpu_threads: int = 0  # torch intra-op threads; 0 = torch's default
     num_overlays: int = 4  # validation images drawn each time the best improves
+    feature_cache_mb: int = 512  # frozen validation features kept in memory; the rest on disk in the run folder
     run_dir: str = "runs"
     run_name: str = ""  # "" = <dataset_name>_<date-time>
 
@@ -147,6 +148,7 @@ def _validate(config: Config) -> None:
         ("TRAIN.kl_weight", t.kl_weight >= 0, "must be >= 0"),
         ("TRAIN.cpu_threads", t.cpu_threads >= 0, "must be >= 0"),
         ("TRAIN.num_overlays", t.num_overlays >= 0, "must be >= 0"),
+        ("TRAIN.feature_cache_mb", t.feature_cache_mb >= 0, "must be >= 0"),
     ]
     for key, ok, why in rules:
         if not ok:
@@ -174,6 +176,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except OSError as err:
             raise CoTexNetError(f"{path}: cannot read the config ({err.strerror})") from err
+        except UnicodeDecodeError as err:
+            raise CoTexNetError(f"{path}: not UTF-8 text (byte {err.start}); save it as UTF-8") from err
         except yaml.YAMLError as err:
             raise CoTexNetError(f"{path}: not valid YAML ({err})") from err
         if not isinstance(data, dict):

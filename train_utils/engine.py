@@ -8,7 +8,9 @@ process takes the same early-stopping decision.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import pickle
 import random
 import shutil
 import signal
@@ -23,6 +25,7 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 from tqdm.auto import tqdm
 
 from common.errors import CoTexNetError
+from common.io import atomic_path
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.feature_cache import FeatureCache
 from train_utils import reporting
@@ -33,12 +36,19 @@ STATE_FILE = "training_state.pt"
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
-    """bf16 autocast where available (CPU, recent GPUs), fp16 with a grad scaler on older GPUs."""
+    """bf16 autocast where the hardware has it (recent GPUs, CPUs with AVX-512 BF16 or AMX),
+    fp16 with a grad scaler on older GPUs, float32 elsewhere."""
     t = cfg.TRAIN
     if t.device == "cuda" and not torch.cuda.is_available():
         raise CoTexNetError("TRAIN.device: cuda requested but no GPU is visible; set TRAIN.device=cpu or auto")
     on_gpu = torch.cuda.is_available() and t.device != "cpu"
-    precision = "no" if not t.amp else "fp16" if on_gpu and not torch.cuda.is_bf16_supported() else "bf16"
+    # Without native bf16 (AVX-512 BF16 or AMX) oneDNN emulates it and the frozen ViT runs ~6x
+    # slower than in float32 (tools/bench.py --dtype bf16), so autocast stays off there.
+    cpu_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    if not t.amp or not (on_gpu or cpu_bf16):
+        precision = "no"
+    else:
+        precision = "fp16" if on_gpu and not torch.cuda.is_bf16_supported() else "bf16"
     if t.cpu_threads:
         torch.set_num_threads(t.cpu_threads)
     return Accelerator(cpu=not on_gpu, mixed_precision=precision)
@@ -174,25 +184,54 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
 def save_last(run: Path, model, optimizer, scheduler, accelerator: Accelerator, stopper: EarlyStopping,
               epoch: int, generator: torch.Generator) -> None:
     """last/: weights + the full training state, swapped in as a whole so that a crash while
-    writing leaves the previous complete last/ (or its .old copy) rather than a mix."""
+    writing leaves a complete last/, or one that `recover_last` restores, rather than a mix.
+    The state file is written last and atomically: a folder that holds it is complete."""
     tmp, last, old = run / ".last.tmp", run / "last", run / ".last.old"
     shutil.rmtree(tmp, ignore_errors=True)
     save_checkpoint(accelerator.unwrap_model(model), tmp, dict(epoch=epoch))
     scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
-    torch.save(dict(epoch=epoch, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler,
-                    early_stopping=stopper.state_dict(), rng=rng_state(generator)), tmp / STATE_FILE)
+    with atomic_path(tmp / STATE_FILE) as path:
+        torch.save(dict(epoch=epoch, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                        scaler=scaler, early_stopping=stopper.state_dict(), rng=rng_state(generator)), path)
     shutil.rmtree(old, ignore_errors=True)
     if last.exists():
         last.rename(old)
+    # A kill here leaves no last/ but two complete folders: .last.tmp (this epoch) and .last.old.
     tmp.rename(last)
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_training_state(run: Path) -> dict:
+def recover_last(run: Path) -> None:
+    """Undo a kill inside save_last: without last/, the newest complete one of .last.tmp and
+    .last.old becomes last/; the leftovers of save_last are removed."""
+    tmp, last, old = run / ".last.tmp", run / "last", run / ".last.old"
+    if not last.exists():
+        for candidate in (tmp, old):
+            if (candidate / STATE_FILE).is_file():
+                with contextlib.suppress(OSError):  # another process of a DDP run renamed it first
+                    candidate.rename(last)
+                break
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_training_state(run: Path) -> dict | None:
+    """The training state of `run`'s last/ (recovered first when a kill hit save_last), or None
+    when the run has none yet: killed during its first epoch, it starts over from epoch 1."""
+    recover_last(run)
     path = run / "last" / STATE_FILE
+    if not (run / "last").exists():
+        return None
     if not path.is_file():
-        raise CoTexNetError(f"{path}: missing; {run} has no resumable last checkpoint")
-    return torch.load(path, map_location="cpu", weights_only=True)
+        raise CoTexNetError(f"{path}: missing; {run / 'last'} is incomplete")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CoTexNetError(f"{path}: holds pickled objects beyond tensors and plain values; refused "
+                            "(loading it could run code); train.py never writes such a file") from err
+    except (EOFError, RuntimeError, ValueError, KeyError, OSError) as err:  # what torch.load raises on damage
+        reason = str(err).split(". ")[0].splitlines()[0] if str(err) else type(err).__name__
+        raise CoTexNetError(f"{path}: truncated or corrupt training state ({reason})") from err
 
 
 class StopOnInterrupt:
@@ -226,7 +265,8 @@ def fit(cfg: Config, run: Path, accelerator: Accelerator, model, criterion, opti
             accelerator.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"], generator)
         start = state["epoch"]
-    cache = FeatureCache(accelerator.unwrap_model(model), t.input_size)
+    cache = FeatureCache(accelerator.unwrap_model(model), t.input_size, folder=run / "feature_cache",
+                         memory_mb=t.feature_cache_mb)
     log = reporting.EpochLog(run / "log.csv")
     log.rows = [row for row in log.rows if row["epoch"] <= start]  # epochs logged but not saved in last/
     with StopOnInterrupt() as interrupt:
