@@ -8,7 +8,7 @@ traceback. `--debug` on any script shows the traceback of a `CoTexNetError` too.
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
