@@ -2,8 +2,8 @@
 
 Describers:
   llava     LLaVA-1.5 answers all five attributes (the paper); number clipped to the mask's
-            regions, box locations turned into words, invalid answers re-asked up to
-            --max-retries times, then the geometry answer is used and counted as a fallback.
+            regions, box locations turned into words, invalid answers re-asked (at most
+            --max-retries answers in all), then the geometry answer is used and counted as a fallback.
   geometry  everything from the mask and ROI alone, offline and in seconds (no model).
   hybrid    LLaVA for shape and color, geometry for number, location and size.
 

@@ -84,11 +84,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clipseg", help="CLIPSeg base folder or hub id, if not the one the run recorded")
     parser.add_argument("--batch-size", type=int, help="images per batch (default: the run's TRAIN.batch_size)")
     args = parser.parse_args(argv)
+    if args.batch_size is not None and args.batch_size < 1:
+        parser.error(f"--batch-size: must be at least 1, got {args.batch_size}")
 
     output = Path(args.output)
     files = input_files(Path(args.input), output)
     cfg, model, _ = engine.load_run(args.run, args.checkpoint, args.clipseg)
-    if args.batch_size:
+    if args.batch_size is not None:
         cfg.TRAIN.batch_size = args.batch_size
     accelerator = engine.make_accelerator(cfg)
     model = model.to(accelerator.device)

@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import math
+
 import cv2
 import numpy as np
 
@@ -32,11 +34,15 @@ PALETTE = {
 }
 
 
+def _min_area(pixels: int) -> float:
+    return max(MIN_REGION_PIXELS, MIN_REGION_FRACTION * pixels)
+
+
 def _regions(mask: np.ndarray) -> list[np.ndarray]:
     """External contours large enough to be a region, largest first."""
     binary = (np.asarray(mask) > 0).astype(np.uint8)
     contours, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    min_area = max(MIN_REGION_PIXELS, MIN_REGION_FRACTION * binary.size)
+    min_area = _min_area(binary.size)
     # Filled pixel count, not contourArea: a one-pixel-wide region has contour area 0.
     areas = [int(cv2.drawContours(np.zeros_like(binary), [c], -1, 1, cv2.FILLED).sum()) for c in contours]
     kept = [(a, c) for a, c in zip(areas, contours, strict=True) if a >= min_area]
@@ -80,7 +86,7 @@ def describe(mask: np.ndarray, roi: np.ndarray, name: str = "mask") -> Attribute
     binary = np.asarray(mask) > 0
     regions = _regions(binary)
     if not regions:
-        raise CoTexNetError(f"{name}: the mask has no region of at least {MIN_REGION_PIXELS} pixels")
+        raise CoTexNetError(f"{name}: the mask has no region of at least {math.ceil(_min_area(binary.size))} pixels")
     if roi.shape[:2] != binary.shape:
         raise CoTexNetError(f"{name}: ROI is {roi.shape[1]}x{roi.shape[0]} but the mask {binary.shape[1]}x{binary.shape[0]}")
     ys, xs = np.nonzero(binary)

@@ -8,7 +8,7 @@ convert_llava.py. On GPU the weights are fp16/bf16, spread over every visible GP
 Constrained decoding (default): xgrammar masks the logits so that the answer is one JSON object
 with the five keys, `number` a bounded integer and the other four from the vocabularies: every
 answer parses on the first try. Unconstrained (`constrain=False`): the paper's free sampling,
-each answer validated and re-asked up to `max_retries` times.
+each answer validated and re-asked, at most `max_retries` answers per ROI.
 """
 
 from __future__ import annotations
@@ -50,7 +50,12 @@ def check_model_folder(path: Path) -> None:
     if not path.is_dir():
         raise CoTexNetError(f"{path}: no such model folder (--model-path)")
     config_file = path / "config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    except (ValueError, OSError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CoTexNetError(f"{config_file}: not a readable JSON config ({err})") from err
+    if not isinstance(config, dict):
+        raise CoTexNetError(f"{config_file}: not a JSON object")
     if "mm_vision_tower" in config or "LlavaLlamaForCausalLM" in config.get("architectures", []):
         raise CoTexNetError(f"{path}: original LLaVA format; convert it once: python llava_inference/convert_llava.py "
                             f"--src {path} --vision-tower <clip-vit-large-patch14-336 folder> --out {path}-hf")

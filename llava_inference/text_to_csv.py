@@ -75,7 +75,12 @@ def _read_complete_rows(path: Path) -> list[dict]:
     if data and not data.endswith(b"\n"):
         data = data[: data.rfind(b"\n") + 1]
         path.write_bytes(data)
-    reader = csv.DictReader(data.decode("utf-8").splitlines())
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise CoTexNetError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#x} at {err.start}); "
+                            "move it away or rerun with --overwrite") from err
+    reader = csv.DictReader(text.splitlines())
     if reader.fieldnames is not None and list(reader.fieldnames) != list(COLUMNS):
         raise CoTexNetError(f"{path}: columns {reader.fieldnames} are not {list(COLUMNS)}; "
                             "move it away or rerun with --overwrite")

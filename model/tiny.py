@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from transformers import CLIPSegConfig, CLIPSegForImageSegmentation, CLIPTokenizer
 
+from common.errors import run_cli
+
 CLIP_BOS, CLIP_EOS, CLIP_VOCAB = 49406, 49407, 49408
 CLIP_MAX_LENGTH = 77
 
@@ -99,10 +101,6 @@ def main(argv: list[str] | None = None) -> None:
     print(f"random {args.size} CLIPSeg and CLIP tokenizer written to {save_clipseg_folder(args.out, args.size, args.seed)}")
 
 
-if __name__ == "__main__":
-    main()
-
-
 def save_tiny_llava(out_dir: str | Path, seed: int = 0) -> Path:
     """Write a random tiny LLaVA-1.5 in the llava-hf layout (model, tokenizer, processor).
 
@@ -161,3 +159,7 @@ def save_tiny_llava(out_dir: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return out_dir
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -138,6 +138,8 @@ def _validate(config: Config) -> None:
         ("TRAIN.epochs", t.epochs >= 1, "must be >= 1"),
         ("TRAIN.lr", t.lr > 0, "must be > 0"),
         ("TRAIN.warmup_lr", t.warmup_lr > 0, "must be > 0 (the learning rate the warm-up starts from)"),
+        ("TRAIN.warmup_lr", t.warmup_epoch == 0 or t.warmup_lr <= t.lr,
+         f"must be <= TRAIN.lr ({t.lr!r}): the warm-up rises from it to TRAIN.lr"),
         ("TRAIN.warmup_epoch", 0 <= t.warmup_epoch < t.epochs, "must be >= 0 and below TRAIN.epochs"),
         ("TRAIN.weight_decay", t.weight_decay >= 0, "must be >= 0"),
         ("TRAIN.patience", t.patience >= 1, "must be >= 1"),
@@ -177,7 +179,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         except OSError as err:
             raise CoTexNetError(f"{path}: cannot read the config ({err.strerror})") from err
         except UnicodeDecodeError as err:
-            raise CoTexNetError(f"{path}: not UTF-8 text (byte {err.start}); save it as UTF-8") from err
+            raise CoTexNetError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#x} at {err.start}); "
+                                "save it as UTF-8") from err
         except yaml.YAMLError as err:
             raise CoTexNetError(f"{path}: not valid YAML ({err})") from err
         if not isinstance(data, dict):

@@ -17,9 +17,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
-from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from common.errors import CoTexNetError
 from common.io import atomic_path
+from data_process.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 # Tints of classes 1, 2, ... in overlays (RGB).
 CLASS_COLORS = np.array([(0, 255, 0), (255, 0, 0), (0, 128, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255)], np.uint8)
@@ -65,9 +66,9 @@ def write_csv(path: str | Path, rows: list[dict]) -> None:
 
 
 def denormalize(pixel_values: torch.Tensor) -> np.ndarray:
-    """A normalised (3,H,W) tensor back to an HxWx3 uint8 RGB image."""
-    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
+    """A (3,H,W) tensor normalised by the transforms back to an HxWx3 uint8 RGB image."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     image = (pixel_values.float().cpu() * std + mean).clamp(0, 1)
     return (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
@@ -88,14 +89,16 @@ def write_overlay(path: str | Path, image: np.ndarray, truth: np.ndarray | None,
     """One PNG: image | truth | prediction (image | prediction when there is no truth)."""
     panels = [image] + ([tint(image, truth)] if truth is not None else []) + [tint(image, pred)]
     with atomic_path(path) as tmp:
-        cv2.imwrite(str(tmp), cv2.cvtColor(np.hstack(panels), cv2.COLOR_RGB2BGR))
+        if not cv2.imwrite(str(tmp), cv2.cvtColor(np.hstack(panels), cv2.COLOR_RGB2BGR)):
+            raise CoTexNetError(f"{path}: could not be written")
 
 
 def write_mask(path: str | Path, labels: np.ndarray, num_classes: int) -> None:
     """A label map as PNG: binary 0/255 (viewable, as the datasets store masks), multi-class 0..K."""
     scale = 255 if num_classes == 2 else 1
     with atomic_path(path) as tmp:
-        cv2.imwrite(str(tmp), (labels * scale).astype(np.uint8))
+        if not cv2.imwrite(str(tmp), (labels * scale).astype(np.uint8)):
+            raise CoTexNetError(f"{path}: could not be written")
 
 
 def format_table(results: dict[str, dict], keys=("dice", "iou", "miou", "pixel_acc", "hd95")) -> str:
