@@ -49,12 +49,13 @@ def main(argv: list[str] | None = None) -> None:
 
     rows, unreadable, overlays = [], [], 0
     for batch in tqdm(loader, desc=f"evaluate {args.split}", disable=not accelerator.is_main_process):
+        # Every process gathers every batch, even one of unreadable images only: a process that
+        # skipped a gather would leave the others waiting in it.
         unreadable += accelerator.gather_for_metrics(batch["errors"], use_gather_object=True)
-        if not batch["name"]:
-            continue
-        with torch.no_grad(), accelerator.autocast():
-            logits = model(batch["pixel_values"]).logits.float()
         batch_rows = []
+        if batch["name"]:
+            with torch.no_grad(), accelerator.autocast():
+                logits = model(batch["pixel_values"]).logits.float()
         for i, (name, (h, w)) in enumerate(zip(batch["name"], batch["orig_size"], strict=True)):
             # Resize logits (not labels): a smooth upsampling, then the decision at full size.
             pred = predict_labels(F.interpolate(logits[i : i + 1], size=(int(h), int(w)), mode="bilinear",
@@ -68,6 +69,10 @@ def main(argv: list[str] | None = None) -> None:
                 reporting.write_overlay(out / "overlays" / f"{stem}.png", image, truth.numpy(), pred.numpy())
                 overlays += 1
         rows += accelerator.gather_for_metrics(batch_rows, use_gather_object=True)
+    # Unreadable images leave the batches uneven, so accelerate's trimming of the samples it
+    # repeated to even out the last batch can miss one: each image counts once, by name.
+    rows = list({row["name"]: row for row in rows}.values())
+    unreadable = list(dict.fromkeys(unreadable))
 
     if accelerator.is_main_process:
         data.report_unreadable(unreadable, out / "unreadable.txt")

@@ -56,13 +56,14 @@ class RoiItem:
         return roi, (mask == self.label).astype(np.uint8)
 
 
-def list_rois(dataset_dir: Path, spec, keywords) -> list[RoiItem]:
+def list_rois(dataset_dir: Path, spec, keywords, img_format: str | None = None,
+              mask_format: str | None = None) -> list[RoiItem]:
     """Every ROI image of the dataset with its mask; `keywords` = per category (or one for binary)."""
     roi_dir = dataset_dir / "ROIs"
     if not roi_dir.is_dir():
         raise CoTexNetError(f"{roi_dir}: no ROI folder (run data_process/make_ROI_img.py first)")
     masks = {registry.image_stem(mask, spec): dataset_dir / "masks" / mask
-             for _, mask in registry.pair_files(dataset_dir, spec).pairs}
+             for _, mask in registry.pair_files(dataset_dir, spec, img_format, mask_format).pairs}
     items = []
     for path in sorted(roi_dir.rglob("*.jpg")):
         name = path.relative_to(roi_dir).as_posix()
@@ -87,6 +88,8 @@ def parse_args(argv):
     parser.add_argument("--model-path", default="./llava_inference/llava-v1.5-13b",
                         help="LLaVA-1.5 folder in the llava-hf layout (convert the original with llava_inference/convert_llava.py)")
     parser.add_argument("--dataset-path", type=Path, help="folder with images/, masks/, ROIs/ (default data_process/<name>)")
+    parser.add_argument("--img-format", help="image extension, e.g. .jpg (default: the registry's, else any image)")
+    parser.add_argument("--mask-format", help="mask extension, e.g. .png (default: the registry's, else any image)")
     parser.add_argument("--keywords", help="what the masks show, e.g. 'polyp area'; multi-class: one per category, comma-separated")
     parser.add_argument("--describer", choices=["llava", "geometry", "hybrid"], default="llava", help="see above")
     parser.add_argument("--batch-size", type=int, default=8, help="ROIs per generate() call")
@@ -177,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # cpu=True on CPU-only machines: several processes there then talk over gloo.
     state = PartialState(cpu=not torch.cuda.is_available())
-    items = list_rois(dataset_dir, spec, keywords)
+    items = list_rois(dataset_dir, spec, keywords, args.img_format, args.mask_format)
     shard = f"-{state.process_index}" if state.num_processes > 1 else ""
     if args.overwrite and state.is_main_process:
         ResultWriter.discard_partials(out)

@@ -69,10 +69,11 @@ def _partials(out: Path) -> list[Path]:
     return sorted(out.parent.glob(f"{out.stem}.partial*.csv"))
 
 
-def _read_complete_rows(path: Path) -> list[dict]:
-    """Rows of one of our CSVs; a line cut by a kill is dropped (and cut off the file)."""
+def _read_complete_rows(path: Path, partial: bool) -> list[dict]:
+    """Rows of one of our CSVs. In a partial CSV a last line cut by a kill is dropped (and cut
+    off the file); a final CSV was written whole (atomically), so it is read as it is."""
     data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
+    if partial and data and not data.endswith(b"\n"):
         data = data[: data.rfind(b"\n") + 1]
         path.write_bytes(data)
     try:
@@ -121,9 +122,10 @@ class ResultWriter:
     def _finished_rows(self) -> dict[str, dict]:
         rows = {}
         # A finished earlier run counts as done too; partial rows are newer, so they win.
-        earlier = [self.out] if self.out.exists() and not self.fresh else []
-        for path in earlier + _partials(self.out):
-            rows.update({row["roi_name"]: row for row in _read_complete_rows(path)})
+        if self.out.exists() and not self.fresh:
+            rows.update({row["roi_name"]: row for row in _read_complete_rows(self.out, partial=False)})
+        for path in _partials(self.out):
+            rows.update({row["roi_name"]: row for row in _read_complete_rows(path, partial=True)})
         return rows
 
     def add(self, row: dict) -> None:

@@ -116,6 +116,27 @@ def test_resume_after_interruption_gives_the_same_rows(synthetic, tmp_path, monk
     pd.testing.assert_frame_equal(_run(synthetic, out, "--describer", "geometry"), reference)
 
 
+def test_a_finished_csv_without_final_newline_is_read_whole_and_left_alone(synthetic, tmp_path):
+    """Only partial CSVs lose a last line cut by a kill; a finished --out (an edited file, one
+    from another tool) keeps every row on a rerun."""
+    out = tmp_path / "out.csv"
+    reference = _run(synthetic, out, "--describer", "geometry")
+    out.write_bytes(out.read_bytes().rstrip(b"\n"))
+    pd.testing.assert_frame_equal(_run(synthetic, out, "--describer", "geometry"), reference)
+
+
+def test_img_format_picks_one_of_two_images_with_the_same_stem(synthetic, tmp_path):
+    import shutil
+
+    folder = tmp_path / "unregistered"  # no image extension in the registry: every image format pairs
+    shutil.copytree(synthetic, folder)
+    shutil.copy(folder / "images" / "syn_0000.jpg", folder / "images" / "syn_0000.png")
+    with pytest.raises(CoTexNetError, match=r"two images with stem 'syn_0000' \(syn_0000.jpg\); pass --img-format"):
+        _run(folder, tmp_path / "a.csv", "--describer", "geometry")
+    assert len(_run(folder, tmp_path / "b.csv", "--describer", "geometry", "--img-format", ".jpg")) == len(
+        list((folder / "ROIs").glob("*.jpg")))
+
+
 def test_paper_format_csv_loads(tmp_path):
     spec = registry.get_spec("kvasir")
     paper = pd.DataFrame({

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from common.errors import CoTexNetError, run_cli
+from train_utils.engine import cpu_has_native_bf16
 
 # The paper's code on this kind of machine (2 threads, batch 4, real size, fp32, quiet).
 PAPER = dict(train_step=1.80, eval_forward=0.22, val_pass=0.27, peak_rss_gb=3.16, checkpoint_mb=982,
@@ -48,11 +49,6 @@ def cpu_model() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or "unknown"
-
-
-def native_bf16() -> bool:
-    """AVX-512 BF16 or AMX: without them oneDNN emulates bf16 matmuls, slower than fp32."""
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def load() -> str:
@@ -355,7 +351,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"settings: {size}, batch {args.batch}, {args.threads} threads, {args.dtype}, 224 px, "
           f"{args.steps} timed steps after {args.warmup} warm-up")
     print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
-          f"({torch.backends.cpu.get_cpu_capability()}, native bf16: {native_bf16()}), transformers {transformers.__version__}; at start {load()}",
+          f"({torch.backends.cpu.get_cpu_capability()}, native bf16: {cpu_has_native_bf16()}), transformers {transformers.__version__}; at start {load()}",
           flush=True)
     rows, notes = [], []
     bench_segmentation(args, rows, notes)

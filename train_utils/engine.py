@@ -35,6 +35,12 @@ from train_utils.metrics import image_metrics, predict_labels, summarize
 STATE_FILE = "training_state.pt"
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX-512 BF16 or AMX. Without them oneDNN emulates bf16 and the frozen ViT runs ~6x slower
+    than in float32 (tools/bench.py --dtype bf16)."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def make_accelerator(cfg: Config) -> Accelerator:
     """bf16 autocast where the hardware has it (recent GPUs, CPUs with AVX-512 BF16 or AMX),
     fp16 with a grad scaler on older GPUs, float32 elsewhere."""
@@ -42,10 +48,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
     if t.device == "cuda" and not torch.cuda.is_available():
         raise CoTexNetError("TRAIN.device: cuda requested but no GPU is visible; set TRAIN.device=cpu or auto")
     on_gpu = torch.cuda.is_available() and t.device != "cpu"
-    # Without native bf16 (AVX-512 BF16 or AMX) oneDNN emulates it and the frozen ViT runs ~6x
-    # slower than in float32 (tools/bench.py --dtype bf16), so autocast stays off there.
-    cpu_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    if not t.amp or not (on_gpu or cpu_bf16):
+    if not t.amp or not (on_gpu or cpu_has_native_bf16()):
         precision = "no"
     else:
         precision = "fp16" if on_gpu and not torch.cuda.is_bf16_supported() else "bf16"
