@@ -65,6 +65,15 @@ def read_csv(path: str | os.PathLike, columns: Iterable[str] = (), missing_hint:
     return table
 
 
+def write_image(path: str | os.PathLike, array, params: Iterable[int] = ()) -> None:
+    """An image file (format from the suffix; `array` as OpenCV takes it: BGR or one channel)."""
+    import cv2  # only the image-writing stages need OpenCV
+
+    with atomic_path(path) as tmp:
+        if not cv2.imwrite(str(tmp), array, list(params)):
+            raise CoTexNetError(f"{path}: could not be written")
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -25,8 +25,8 @@ from pathlib import Path
 import cv2
 from tqdm import tqdm
 
-from common.errors import CoTexNetError, run_cli
-from common.io import atomic_path
+from common.errors import run_cli
+from common.io import write_image
 from data_process.registry import (
     DatasetSpec,
     category_masks,
@@ -54,9 +54,7 @@ def make_rois(image_path: Path, mask_path: Path, spec: DatasetSpec, outputs: lis
     for inside, out in zip(masks, outputs, strict=True):
         empty += not inside.any()
         roi = cv2.cvtColor(image * inside[:, :, None], cv2.COLOR_RGB2BGR)
-        with atomic_path(out) as tmp:
-            if not cv2.imwrite(str(tmp), roi, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]):
-                raise CoTexNetError(f"{out}: could not be written")
+        write_image(out, roi, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
     return empty
 
 

@@ -31,7 +31,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from common.errors import CoTexNetError, run_cli
-from common.io import atomic_path
+from common.io import atomic_path, write_image
 from data_process.registry import get_spec
 
 BLOB_COUNT_P = [0.05, 0.55, 0.28, 0.12]  # P(0), P(1), P(2), P(3) blobs
@@ -128,12 +128,6 @@ def _truth_rows(img_name, mask_name, label, categories) -> list[dict]:
     return rows
 
 
-def _write(path: Path, array: np.ndarray, params=()) -> None:
-    with atomic_path(path) as tmp:
-        if not cv2.imwrite(str(tmp), array, list(params)):
-            raise CoTexNetError(f"{path}: could not be written")
-
-
 def make_synthetic(root, name: str | None = None, count: int = 60, seed: int = 0, mask_format: str | None = None,
                    multiclass: bool = False, overwrite: bool = False, per_category: bool = False) -> Path:
     """Write the dataset to `<root>/<name>` (built beside it, then renamed into place); return that folder.
@@ -166,14 +160,14 @@ def make_synthetic(root, name: str | None = None, count: int = 60, seed: int = 0
                     break
             label = _layout(rng, h, w, multiclass)
             img_name, mask_name = f"syn_{i:04d}.jpg", f"syn_{i:04d}.{mask_format}"
-            _write(build / "images" / img_name, cv2.cvtColor(_render(rng, label), cv2.COLOR_RGB2BGR),
+            write_image(build / "images" / img_name, cv2.cvtColor(_render(rng, label), cv2.COLOR_RGB2BGR),
                    (cv2.IMWRITE_JPEG_QUALITY, 90))
             quality = (cv2.IMWRITE_JPEG_QUALITY, 75) if mask_format == "jpg" else ()
             if per_category:
                 for k in range(1, len(categories) + 1):
-                    _write(build / "masks" / str(k) / mask_name, (label == k).astype(np.uint8) * 255, quality)
+                    write_image(build / "masks" / str(k) / mask_name, (label == k).astype(np.uint8) * 255, quality)
             else:
-                _write(build / "masks" / mask_name, label if multiclass else label * 255, quality)
+                write_image(build / "masks" / mask_name, label if multiclass else label * 255, quality)
             rows += _truth_rows(img_name, mask_name, label, categories)
         with atomic_path(build / "truth.csv") as tmp:
             pd.DataFrame(rows).to_csv(tmp, index=False)

@@ -18,8 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from common.errors import CoTexNetError
-from common.io import atomic_path
+from common.io import atomic_path, write_image
 from data_process.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 # Tints of classes 1, 2, ... in overlays (RGB).
@@ -88,17 +87,13 @@ def tint(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
 def write_overlay(path: str | Path, image: np.ndarray, truth: np.ndarray | None, pred: np.ndarray) -> None:
     """One PNG: image | truth | prediction (image | prediction when there is no truth)."""
     panels = [image] + ([tint(image, truth)] if truth is not None else []) + [tint(image, pred)]
-    with atomic_path(path) as tmp:
-        if not cv2.imwrite(str(tmp), cv2.cvtColor(np.hstack(panels), cv2.COLOR_RGB2BGR)):
-            raise CoTexNetError(f"{path}: could not be written")
+    write_image(path, cv2.cvtColor(np.hstack(panels), cv2.COLOR_RGB2BGR))
 
 
 def write_mask(path: str | Path, labels: np.ndarray, num_classes: int) -> None:
     """A label map as PNG: binary 0/255 (viewable, as the datasets store masks), multi-class 0..K."""
     scale = 255 if num_classes == 2 else 1
-    with atomic_path(path) as tmp:
-        if not cv2.imwrite(str(tmp), (labels * scale).astype(np.uint8)):
-            raise CoTexNetError(f"{path}: could not be written")
+    write_image(path, (labels * scale).astype(np.uint8))
 
 
 def format_table(results: dict[str, dict], keys=("dice", "iou", "miou", "pixel_acc", "hd95")) -> str:
