@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from common.errors import CoTexNetError, run_cli
 from common.io import write_json
+from data_process.layout import SPLITS
 from data_process.registry import read_image, read_mask
 from train_utils import data, engine, reporting
 from train_utils.metrics import class_names, image_metrics, predict_labels, summarize
@@ -27,7 +28,7 @@ from train_utils.metrics import class_names, image_metrics, predict_labels, summ
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="run folder written by train.py")
-    parser.add_argument("--split", default="test", choices=data.SPLITS, help="split to evaluate (default: test)")
+    parser.add_argument("--split", default="test", choices=SPLITS, help="split to evaluate (default: test)")
     parser.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint (default: best)")
     parser.add_argument("--clipseg", help="CLIPSeg base folder or hub id, if not the one the run recorded")
     parser.add_argument("--out", help="output folder (default: RUN/eval_<split>)")

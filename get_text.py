@@ -35,7 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common.errors import CoTexNetError, run_cli
-from data_process import registry
+from data_process import layout, registry
 from llava_inference import geometry
 from llava_inference.attributes import Attributes
 from llava_inference.text_to_csv import ResultWriter, empty_row, make_row
@@ -65,9 +65,9 @@ def list_rois(dataset_dir: Path, spec, keywords, img_format: str | None = None,
     masks = {registry.image_stem(mask, spec): dataset_dir / "masks" / mask
              for _, mask in registry.pair_files(dataset_dir, spec, img_format, mask_format).pairs}
     items = []
-    for path in sorted(roi_dir.rglob("*.jpg")):
+    for path in sorted(roi_dir.rglob(f"*{layout.ROI_EXT}")):
         name = path.relative_to(roi_dir).as_posix()
-        stem, category = registry.parse_roi_name(name)
+        stem, category = layout.parse_roi_name(name, bool(spec.categories))
         if stem not in masks:
             raise CoTexNetError(f"{path}: ROI without a mask (no mask of image {stem} in {dataset_dir / 'masks'})")
         if spec.categories:
@@ -168,8 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     spec = registry.get_spec(args.dataset_name)
     named = registry.get_spec(args.dataset_name, args.keywords)
     keywords = named.categories or (named.keyword,)
-    dataset_dir = args.dataset_path or Path("data_process") / args.dataset_name
-    out = args.out or Path("text_file") / args.dataset_name / f"{args.dataset_name}_text_out.csv"
+    dataset_dir = args.dataset_path or layout.dataset_dir(layout.DEFAULT_ROOT, args.dataset_name)
+    out = args.out or layout.text_csv(args.dataset_name)
     if args.describer != "geometry":
         from llava_inference.llava_model import check_model_folder
 

@@ -21,12 +21,11 @@ from torchvision import tv_tensors
 from tqdm.auto import tqdm
 
 from common.errors import CoTexNetError, run_cli
+from data_process.layout import IMAGE_EXTS
 from data_process.registry import read_image
 from data_process.transforms import eval_transform
 from train_utils import data, engine, reporting
 from train_utils.metrics import predict_labels
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 class ImageFiles(Dataset):
@@ -61,9 +60,9 @@ def input_files(source: Path, output: Path) -> list[Path]:
                             "(masks would mix with, or overwrite, the inputs)")
     if source.is_file():
         return [source]
-    files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_EXTS)
     if not files:
-        raise CoTexNetError(f"--input {source}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise CoTexNetError(f"--input {source}: no images ({', '.join(sorted(IMAGE_EXTS))})")
     by_stem: dict[str, list[str]] = {}
     for path in files:
         by_stem.setdefault(path.stem, []).append(path.name)

@@ -23,6 +23,11 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def not_utf8(path, err: UnicodeDecodeError, fix: str = "save it as UTF-8") -> CoTexNetError:
+    """The one message for a text file that is not UTF-8, with the first bad byte."""
+    return CoTexNetError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#x} at {err.start}); {fix}")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it to `path`, else delete it."""
@@ -55,8 +60,7 @@ def read_csv(path: str | os.PathLike, columns: Iterable[str] = (), missing_hint:
     except FileNotFoundError as err:
         raise CoTexNetError(f"{path}: no such file{' (' + missing_hint + ')' if missing_hint else ''}") from err
     except UnicodeDecodeError as err:
-        raise CoTexNetError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#x} at {err.start}); "
-                            "save it as UTF-8") from err
+        raise not_utf8(path, err) from err
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         raise CoTexNetError(f"{path}: not a readable CSV ({err})") from err
     missing = [column for column in columns if column not in table.columns]

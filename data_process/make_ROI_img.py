@@ -27,23 +27,16 @@ from tqdm import tqdm
 
 from common.errors import run_cli
 from common.io import write_image
-from data_process.registry import (
-    DatasetSpec,
-    category_masks,
-    get_spec,
-    known_datasets,
-    pair_files,
-    read_image,
-    roi_name,
-)
+from data_process import layout
+from data_process.registry import DatasetSpec, category_masks, get_spec, known_datasets, pair_files, read_image
 
 JPEG_QUALITY = 95
 
 
 def roi_paths(rois_dir: Path, image_name: str, spec: DatasetSpec) -> list[Path]:
     """The ROI path of one image, or one per category (in category order)."""
-    stem = str(Path(image_name).with_suffix(""))
-    return [rois_dir / roi_name(stem, category) for category in spec.categories or (None,)]
+    stem = layout.stem(image_name)
+    return [rois_dir / layout.roi_name(stem, category) for category in spec.categories or (None,)]
 
 
 def make_rois(image_path: Path, mask_path: Path, spec: DatasetSpec, outputs: list[Path]) -> int:
@@ -77,8 +70,7 @@ def main(argv: list[str] | None = None) -> None:
 
     spec = get_spec(args.dataset_name)
     dataset = args.dataset_path
-    fmt = [None if ext is None else "." + ext.lstrip(".") for ext in (args.img_format, args.mask_format)]
-    pairing = pair_files(dataset, spec, *fmt)
+    pairing = pair_files(dataset, spec, args.img_format, args.mask_format)
     pairing.check(dataset, spec)
 
     jobs, skipped = [], 0

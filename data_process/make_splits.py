@@ -26,10 +26,9 @@ import pandas as pd
 
 from common.errors import CoTexNetError, run_cli
 from common.io import atomic_path, read_csv
+from data_process import layout
+from data_process.layout import SPLIT_COLUMNS, SPLITS
 from data_process.registry import get_spec, pair_files
-
-SPLITS = ("train", "val", "test")
-COLUMNS = ["dataset", "img_name", "mask_name"]
 
 
 def split_pairs(pairs: list[tuple[str, str]], ratios=(0.8, 0.1, 0.1), seed: int = 666) -> dict[str, list]:
@@ -60,10 +59,10 @@ def pairs_from_list(pairs: list[tuple[str, str]], list_csv: Path) -> dict[str, l
 
 def merge_split(path: Path, dataset_name: str, pairs: list[tuple[str, str]]) -> pd.DataFrame:
     """The rows of split file `path` with `dataset_name`'s rows replaced by `pairs`."""
-    rows = pd.DataFrame([(dataset_name, image, mask) for image, mask in pairs], columns=COLUMNS)
+    rows = pd.DataFrame([(dataset_name, image, mask) for image, mask in pairs], columns=SPLIT_COLUMNS)
     if not path.exists():
         return rows
-    old = read_csv(path, COLUMNS)[COLUMNS]
+    old = read_csv(path, SPLIT_COLUMNS)[SPLIT_COLUMNS]
     return pd.concat([old[old["dataset"] != dataset_name], rows], ignore_index=True)
 
 
@@ -77,20 +76,19 @@ def main(argv: list[str] | None = None) -> None:
                         help="split fractions, normalised to sum 1 (default: 0.8 0.1 0.1)")
     parser.add_argument("--seed", type=int, default=666, help="shuffle seed (default: 666, the paper's seed)")
     parser.add_argument("--from-list", type=Path, help="CSV with columns img_name,split to use instead of shuffling")
-    parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent,
-                        help="folder of the split CSVs (default: data_process/)")
+    parser.add_argument("--out-dir", type=Path, default=Path(layout.DEFAULT_SPLIT_DIR),
+                        help=f"folder of the split CSVs (default: {layout.DEFAULT_SPLIT_DIR}/)")
     args = parser.parse_args(argv)
 
-    fmt = [None if ext is None else "." + ext.lstrip(".") for ext in (args.img_format, args.mask_format)]
     spec = get_spec(args.dataset_name)
-    pairing = pair_files(args.dataset_path, spec, *fmt)
+    pairing = pair_files(args.dataset_path, spec, args.img_format, args.mask_format)
     pairing.check(args.dataset_path, spec)
     if args.from_list:
         splits = pairs_from_list(pairing.pairs, args.from_list)
     else:
         splits = split_pairs(pairing.pairs, args.ratios, args.seed)
     # read (and check) all three files before writing any
-    paths = [args.out_dir / f"{split}_data.csv" for split in SPLITS]
+    paths = [layout.split_csv(args.out_dir, split) for split in SPLITS]
     tables = [merge_split(path, args.dataset_name, splits[split]) for path, split in zip(paths, SPLITS, strict=True)]
     for path, table in zip(paths, tables, strict=True):
         with atomic_path(path) as tmp:

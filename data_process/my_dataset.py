@@ -12,7 +12,7 @@ items carry no text.
 from __future__ import annotations
 
 import sys
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -20,9 +20,9 @@ from torchvision import tv_tensors
 
 from common.errors import CoTexNetError
 from common.io import read_csv
+from data_process.layout import SPLIT_COLUMNS, stem
 from data_process.registry import DatasetSpec, read_image, read_mask
 
-SPLIT_COLUMNS = ["dataset", "img_name", "mask_name"]
 SHOW = 5  # names listed in errors
 
 
@@ -48,10 +48,6 @@ def read_split(csv_path, dataset_name: str) -> pd.DataFrame:
     return rows.reset_index(drop=True)
 
 
-def _stem(name: str) -> str:
-    return str(PurePosixPath(name).with_suffix(""))
-
-
 class SegDataset(torch.utils.data.Dataset):
     def __init__(self, root, dataset_name: str, split_df: pd.DataFrame, spec: DatasetSpec, transform,
                  tokenizer=None, prompts: dict[str, str] | None = None, max_length: int = 77):
@@ -62,11 +58,11 @@ class SegDataset(torch.utils.data.Dataset):
         if prompts is not None:
             if tokenizer is None:
                 raise ValueError("SegDataset: prompts given without a tokenizer")
-            missing = [image for image, _ in self.rows if _stem(image) not in prompts]
+            missing = [image for image, _ in self.rows if stem(image) not in prompts]
             if missing:
                 raise CoTexNetError(f"text prompts of {dataset_name}: {len(missing)} of {len(self.rows)} images have "
                                     f"none, e.g. {missing[:SHOW]} (run get_text.py for them)")
-            texts = [prompts[_stem(image)] for image, _ in self.rows]
+            texts = [prompts[stem(image)] for image, _ in self.rows]
             # One token more than allowed shows which prompts the truncation cuts (CLIP's limit is 77).
             self.tokens = tokenizer(texts, truncation=True, max_length=max_length + 1)["input_ids"]
             long = [i for i, ids in enumerate(self.tokens) if len(ids) > max_length]

@@ -22,11 +22,10 @@ import yaml
 from PIL import Image
 
 from common.errors import CoTexNetError
+from data_process import layout
 
 REGISTRY_FILE = Path(__file__).resolve().parents[1] / "dataset_config" / "datasets.yaml"
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 SHOW = 5  # names listed in warnings
-CATEGORY_SEP = "__"  # ROI of one category: "<stem>__<category>.jpg"
 # Pillow modes numpy cannot take as they are: bits, gray + alpha, 16-bit variants.
 _PLAIN_MODES = {"1": "L", "LA": "L", "I;16": "I", "I;16L": "I", "I;16B": "I", "I;16N": "I"}
 
@@ -215,25 +214,12 @@ def _check_labels(label: np.ndarray, spec: DatasetSpec, path) -> np.ndarray:
 def image_stem(mask_name: str, spec: DatasetSpec) -> str:
     """The stem of the image a mask belongs to ("sub/ISIC_1_Segmentation.png" -> "sub/ISIC_1")."""
     path = PurePosixPath(mask_name)
-    stem = path.name[: -len(path.suffix)] if path.suffix else path.name
+    stem = layout.stem(path.name)
     if spec.mask_prefix and stem.startswith(spec.mask_prefix):
         stem = stem[len(spec.mask_prefix):]
     if spec.mask_suffix and stem.lower().endswith(spec.mask_suffix.lower()):
         stem = stem[: -len(spec.mask_suffix)]
     return str(path.parent / stem) if str(path.parent) != "." else stem
-
-
-def roi_name(stem: str, category: str | None = None) -> str:
-    return f"{stem}{CATEGORY_SEP}{category}.jpg" if category else f"{stem}.jpg"
-
-
-def parse_roi_name(name: str) -> tuple[str, str | None]:
-    """Inverse of `roi_name`: (image stem, category or None)."""
-    stem = name[: -len(".jpg")] if name.lower().endswith(".jpg") else name
-    if CATEGORY_SEP in PurePosixPath(stem).name:
-        stem, category = stem.rsplit(CATEGORY_SEP, 1)
-        return stem, category
-    return stem, None
 
 
 @dataclass
@@ -262,7 +248,7 @@ class Pairing:
 def _list_images(folder: Path, ext: str) -> list[str]:
     if not folder.is_dir():
         raise CoTexNetError(f"{folder}: no such folder")
-    exts = (ext.lower(),) if ext else IMAGE_EXTS
+    exts = (ext.lower(),) if ext else layout.IMAGE_EXTS
     return sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*")
                   if path.suffix.lower() in exts and not path.name.startswith(".") and path.is_file())
 
@@ -273,6 +259,7 @@ def pair_files(dataset_dir, spec: DatasetSpec, image_ext: str | None = None,
 
     per_category layout: a mask name pairs when every category folder holds it."""
     dataset_dir, masks_dir = Path(dataset_dir), Path(dataset_dir) / "masks"
+    image_ext, mask_ext = layout.normalise_ext(image_ext), layout.normalise_ext(mask_ext)
     images = _list_images(dataset_dir / "images", spec.image_ext if image_ext is None else image_ext)
     mask_ext = spec.mask_ext if mask_ext is None else mask_ext
     if spec.mask_layout == "per_category":
@@ -288,7 +275,7 @@ def pair_files(dataset_dir, spec: DatasetSpec, image_ext: str | None = None,
         files = [(name, name) for name in masks]
     by_stem: dict[str, str] = {}
     for name in images:
-        stem = str(PurePosixPath(name).with_suffix(""))
+        stem = layout.stem(name)
         if stem in by_stem:
             raise CoTexNetError(f"{dataset_dir / 'images' / name}: two images with stem {stem!r} "
                                 f"({by_stem[stem]}); pass --img-format")

@@ -23,8 +23,8 @@ from pathlib import Path
 import pandas as pd
 
 from common.errors import CoTexNetError
-from common.io import atomic_path, read_csv
-from data_process import registry
+from common.io import atomic_path, not_utf8, read_csv
+from data_process import layout
 from llava_inference.attributes import KEYS, AnswerError, Attributes, parse_answer
 
 PAPER_COLUMNS = ("roi_name", "text", "text_prompt", *KEYS)
@@ -79,8 +79,7 @@ def _read_complete_rows(path: Path, partial: bool) -> list[dict]:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise CoTexNetError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#x} at {err.start}); "
-                            "move it away or rerun with --overwrite") from err
+        raise not_utf8(path, err, "move it away or rerun with --overwrite") from err
     reader = csv.DictReader(text.splitlines())
     if reader.fieldnames is not None and list(reader.fieldnames) != list(COLUMNS):
         raise CoTexNetError(f"{path}: columns {reader.fieldnames} are not {list(COLUMNS)}; "
@@ -176,7 +175,7 @@ def load_prompts(csv_path: str | Path, spec) -> dict[str, str]:
     order = {c: i for i, c in enumerate(spec.categories)}
     parts: dict[str, dict[str | None, str]] = {}
     for row in table.to_dict("records"):
-        stem, category = registry.parse_roi_name(row["roi_name"])
+        stem, category = layout.parse_roi_name(row["roi_name"], bool(spec.categories))
         prompt = row.get("text_prompt", "").strip()
         if not prompt:
             keyword = category or spec.keyword

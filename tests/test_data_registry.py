@@ -7,7 +7,8 @@ from PIL import Image
 
 from common.errors import CoTexNetError
 from data_process import registry
-from data_process.registry import get_spec, image_stem, pair_files, parse_roi_name, read_image, read_mask, roi_name
+from data_process.layout import normalise_ext, parse_roi_name, roi_name, stem
+from data_process.registry import get_spec, image_stem, pair_files, read_image, read_mask
 
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, (31, 47, 3), dtype=np.uint8)  # odd, non-square
@@ -43,10 +44,18 @@ def test_mask_names_map_to_image_stems():
 
 
 def test_roi_names_round_trip():
-    assert roi_name("cju0") == "cju0.jpg" and parse_roi_name("cju0.jpg") == ("cju0", None)
+    assert roi_name("cju0") == "cju0.jpg" and parse_roi_name("cju0.jpg", per_category=False) == ("cju0", None)
     name = roi_name("p1/img_07", "left atrium area")
     assert name == "p1/img_07__left atrium area.jpg"
-    assert parse_roi_name(name) == ("p1/img_07", "left atrium area")
+    assert parse_roi_name(name, per_category=True) == ("p1/img_07", "left atrium area")
+    # In a binary dataset the separator is part of the name, not a category.
+    assert parse_roi_name("case__01.jpg", per_category=False) == ("case__01", None)
+
+
+def test_extensions_are_normalised_once():
+    assert normalise_ext("jpg") == normalise_ext(".jpg") == ".jpg"
+    assert normalise_ext(None) is None and normalise_ext("") == ""
+    assert stem("sub/a.v2.png") == "sub/a.v2" and stem("noext") == "noext"
 
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "P", "L", "I;16"])

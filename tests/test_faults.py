@@ -1,4 +1,4 @@
-"""Faults (issue 7): kill -9 of get_text.py and train.py at chosen moments, then a rerun or
+"""Faults: kill -9 of get_text.py and train.py at chosen moments, then a rerun or
 --resume; a full disk. Nothing finished is lost, nothing half-written passes for complete."""
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import pytest
 
 import get_text
 from common.errors import CoTexNetError
-from data_process import registry
+from data_process import layout, registry
 from llava_inference import geometry
 from llava_inference.attributes import LOCATIONS, SIZES, location_words
 from llava_inference.text_to_csv import COLUMNS, PAPER_COLUMNS, load_prompts
@@ -86,7 +86,7 @@ def test_multiclass_prompts_join_categories_in_order(synthetic_multiclass, tmp_p
     assert len(table) == 12 * len(spec.categories)
     prompts = load_prompts(tmp_path / "mc.csv", spec)
     first = table[table["roi_name"].str.startswith("syn_0000__")].set_index("roi_name")["text_prompt"]
-    assert prompts["syn_0000"] == " ".join(first[registry.roi_name("syn_0000", c)] for c in spec.categories)
+    assert prompts["syn_0000"] == " ".join(first[layout.roi_name("syn_0000", c)] for c in spec.categories)
 
 
 def test_resume_after_interruption_gives_the_same_rows(synthetic, tmp_path, monkeypatch):
@@ -125,7 +125,8 @@ def test_a_finished_csv_without_final_newline_is_read_whole_and_left_alone(synth
     pd.testing.assert_frame_equal(_run(synthetic, out, "--describer", "geometry"), reference)
 
 
-def test_img_format_picks_one_of_two_images_with_the_same_stem(synthetic, tmp_path):
+@pytest.mark.parametrize("img_format", [".jpg", "jpg"])  # with or without the dot, as in every stage
+def test_img_format_picks_one_of_two_images_with_the_same_stem(synthetic, tmp_path, img_format):
     import shutil
 
     folder = tmp_path / "unregistered"  # no image extension in the registry: every image format pairs
@@ -133,7 +134,7 @@ def test_img_format_picks_one_of_two_images_with_the_same_stem(synthetic, tmp_pa
     shutil.copy(folder / "images" / "syn_0000.jpg", folder / "images" / "syn_0000.png")
     with pytest.raises(CoTexNetError, match=r"two images with stem 'syn_0000' \(syn_0000.jpg\); pass --img-format"):
         _run(folder, tmp_path / "a.csv", "--describer", "geometry")
-    assert len(_run(folder, tmp_path / "b.csv", "--describer", "geometry", "--img-format", ".jpg")) == len(
+    assert len(_run(folder, tmp_path / "b.csv", "--describer", "geometry", "--img-format", img_format)) == len(
         list((folder / "ROIs").glob("*.jpg")))
 
 

@@ -161,7 +161,8 @@ def test_multiclass_run_reports_each_class(train_setup, tmp_path, capsys):  # no
     """One epoch on the 3-class synthetic set (in-process): softmax head, per-class metrics."""
     import yaml
 
-    from data_process.registry import get_spec, roi_name
+    from data_process.layout import roi_name
+    from data_process.registry import get_spec
 
     root = train_setup["root"]
     spec = get_spec("synthetic_multiclass")
@@ -195,12 +196,13 @@ def test_save_last_survives_a_kill_between_its_renames(train_setup, tmp_path, mo
     from model.CoTexNet import CoTexNet
     from train_utils import engine
     from train_utils.config import load_config
+    from train_utils.early_stopping import EarlyStopping
 
     cfg = load_config(train_setup["config"])
     model = CoTexNet.from_clipseg(train_setup["work"] / "tiny_clipseg")
     optimizer = engine.build_optimizer(model, cfg)
     scheduler = engine.build_scheduler(optimizer, cfg, 2)
-    args = (model, optimizer, scheduler, Accelerator(cpu=True), engine.EarlyStopping(5, 10))
+    args = (model, optimizer, scheduler, Accelerator(cpu=True), EarlyStopping(5, 10))
     run = tmp_path / "run"
     engine.save_last(run, *args, 1, torch.Generator())
     rename = Path.rename

@@ -18,6 +18,8 @@ from pathlib import Path
 import yaml
 
 from common.errors import CoTexNetError
+from common.io import not_utf8
+from data_process import layout
 
 
 @dataclass
@@ -70,8 +72,7 @@ class Config:
     TRAIN: TrainConfig = field(default_factory=TrainConfig)
 
     def text_csv(self) -> Path:
-        name = self.DATASET.dataset_name
-        return Path(self.DATASET.text_csv or f"text_file/{name}/{name}_text_out.csv")
+        return Path(self.DATASET.text_csv) if self.DATASET.text_csv else layout.text_csv(self.DATASET.dataset_name)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -179,8 +180,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         except OSError as err:
             raise CoTexNetError(f"{path}: cannot read the config ({err.strerror})") from err
         except UnicodeDecodeError as err:
-            raise CoTexNetError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#x} at {err.start}); "
-                                "save it as UTF-8") from err
+            raise not_utf8(path, err) from err
         except yaml.YAMLError as err:
             raise CoTexNetError(f"{path}: not valid YAML ({err})") from err
         if not isinstance(data, dict):

@@ -9,19 +9,18 @@ from torch.utils.data import DataLoader, Dataset
 
 from common.errors import CoTexNetError
 from common.io import write_text
+from data_process.layout import split_csv
 from data_process.my_dataset import SegDataset, collate, read_split
 from data_process.registry import get_spec
 from data_process.transforms import eval_transform, train_transform
 from train_utils.config import Config
-
-SPLITS = ("train", "val", "test")
 
 
 def split_frame(cfg: Config, split: str):
     """The rows of `split` for the configured dataset; the training split subsampled by
     `train_data_ratio` (a seeded random subset, in the split file's order)."""
     d = cfg.DATASET
-    frame = read_split(Path(d.split_dir) / f"{split}_data.csv", d.dataset_name)
+    frame = read_split(split_csv(d.split_dir, split), d.dataset_name)
     if split == "train" and cfg.TRAIN.train_data_ratio < 1:
         keep = max(1, round(len(frame) * cfg.TRAIN.train_data_ratio))
         frame = frame.sample(n=keep, random_state=cfg.TRAIN.random_seed).sort_index()

@@ -9,7 +9,6 @@ process takes the same early-stopping decision.
 from __future__ import annotations
 
 import contextlib
-import math
 import pickle
 import random
 import shutil
@@ -30,6 +29,7 @@ from model.checkpoint import load_checkpoint, save_checkpoint
 from model.feature_cache import FeatureCache
 from train_utils import reporting
 from train_utils.config import Config, load_config
+from train_utils.early_stopping import EarlyStopping
 from train_utils.metrics import image_metrics, predict_labels, summarize
 
 STATE_FILE = "training_state.pt"
@@ -74,34 +74,6 @@ def build_scheduler(optimizer, cfg: Config, steps_per_epoch: int):
         return CosineAnnealingLR(optimizer, T_max=total)
     ramp = LinearLR(optimizer, start_factor=t.warmup_lr / t.lr, end_factor=1.0, total_iters=warmup)
     return SequentialLR(optimizer, [ramp, CosineAnnealingLR(optimizer, T_max=total - warmup)], milestones=[warmup])
-
-
-class EarlyStopping:
-    """The paper's rule: stop after `patience` epochs without a better validation Dice, where
-    epochs in the first fifth of the run do not count (the model is still warming up)."""
-
-    def __init__(self, patience: int, epochs: int):
-        self.patience, self.grace = patience, epochs // 5
-        self.best, self.best_epoch, self.bad_epochs = -math.inf, 0, 0
-
-    def update(self, epoch: int, score: float) -> bool:
-        """Record epoch `epoch` (1-based); True when it is the new best. A NaN score never is."""
-        if score > self.best:  # -inf start: the first epoch is always a best, even at Dice 0
-            self.best, self.best_epoch, self.bad_epochs = score, epoch, 0
-            return True
-        if epoch > self.grace:
-            self.bad_epochs += 1
-        return False
-
-    @property
-    def should_stop(self) -> bool:
-        return self.bad_epochs >= self.patience
-
-    def state_dict(self) -> dict:
-        return dict(best=self.best, best_epoch=self.best_epoch, bad_epochs=self.bad_epochs)
-
-    def load_state_dict(self, state: dict) -> None:
-        self.best, self.best_epoch, self.bad_epochs = state["best"], state["best_epoch"], state["bad_epochs"]
 
 
 def train_one_epoch(model, loader, criterion, optimizer, scheduler, accelerator: Accelerator,

@@ -1,0 +1,61 @@
+"""The conventions every stage shares about files on disk: one home, no copies.
+
+    <root>/<dataset>/images/    the images           (root defaults to data_process)
+    <root>/<dataset>/masks/     their masks
+    <root>/<dataset>/ROIs/      stage 1's ROI images: <stem>.jpg, or <stem>__<category>.jpg
+    <split_dir>/{train,val,test}_data.csv       columns dataset,img_name,mask_name
+    text_file/<dataset>/<dataset>_text_out.csv  stage 2's text
+
+Default paths are relative to the current working directory: run the scripts from the
+repository root, as the paper's README does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+
+DEFAULT_ROOT = "data_process"
+DEFAULT_SPLIT_DIR = "data_process"
+SPLITS = ("train", "val", "test")
+SPLIT_COLUMNS = ["dataset", "img_name", "mask_name"]  # a list: pandas reads a tuple as one key
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp")
+ROI_EXT = ".jpg"
+CATEGORY_SEP = "__"  # ROI of one category: "<stem>__<category>.jpg"
+
+
+def normalise_ext(ext: str | None) -> str | None:
+    """"jpg", ".jpg" -> ".jpg"; None (not given) and "" (any) stay as they are."""
+    return ext if not ext else "." + ext.lstrip(".")
+
+
+def stem(name: str) -> str:
+    """A file name relative to its folder without its extension ("sub/a.v2.png" -> "sub/a.v2")."""
+    path = PurePosixPath(name)
+    return str(path.with_suffix("")) if path.suffix else str(path)
+
+
+def dataset_dir(root: str | Path, dataset_name: str) -> Path:
+    return Path(root) / dataset_name
+
+
+def split_csv(split_dir: str | Path, split: str) -> Path:
+    return Path(split_dir) / f"{split}_data.csv"
+
+
+def text_csv(dataset_name: str) -> Path:
+    return Path("text_file") / dataset_name / f"{dataset_name}_text_out.csv"
+
+
+def roi_name(image_stem: str, category: str | None = None) -> str:
+    """The ROI file of an image (relative to ROIs/), or of one category of a multi-class image."""
+    return f"{image_stem}{CATEGORY_SEP}{category}{ROI_EXT}" if category else f"{image_stem}{ROI_EXT}"
+
+
+def parse_roi_name(name: str, per_category: bool) -> tuple[str, str | None]:
+    """Inverse of `roi_name`: (image stem, category or None). The separator means a category
+    only in a multi-class dataset (`per_category`): a binary image may be named "case__01.jpg"."""
+    image_stem = stem(name) if name.lower().endswith(ROI_EXT) else name
+    if per_category and CATEGORY_SEP in PurePosixPath(image_stem).name:
+        image_stem, category = image_stem.rsplit(CATEGORY_SEP, 1)
+        return image_stem, category
+    return image_stem, None
