@@ -19,6 +19,7 @@ without a mask are listed and left out.
 import sys, pathlib; sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])  # noqa: E401,E702,I001
 
 import argparse
+import math
 from pathlib import Path
 
 import numpy as np
@@ -33,18 +34,26 @@ from data_process.registry import get_spec, pair_files
 
 def split_pairs(pairs: list[tuple[str, str]], ratios=(0.8, 0.1, 0.1), seed: int = 666) -> dict[str, list]:
     """Shuffle `pairs` (sorted first, so the file system's order does not matter) and cut by `ratios`."""
-    if len(ratios) != 3 or min(ratios) < 0 or sum(ratios) <= 0:
-        raise CoTexNetError(f"--ratios: three non-negative numbers for train val test, got {list(ratios)}")
+    if len(ratios) != 3 or not all(math.isfinite(r) and r >= 0 for r in ratios) or sum(ratios) <= 0:
+        raise CoTexNetError(f"--ratios: three non-negative finite numbers for train val test, not all 0; got {list(ratios)}")
+    if seed < 0:
+        raise CoTexNetError(f"--seed: must be >= 0, got {seed}")
     pairs = sorted(pairs)
     order = np.random.default_rng(seed).permutation(len(pairs))
     n_train = round(len(pairs) * ratios[0] / sum(ratios))
     n_val = round(len(pairs) * ratios[1] / sum(ratios))
     cuts = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
-    return {split: [pairs[i] for i in sorted(index)] for split, index in cuts.items()}
+    splits = {split: [pairs[i] for i in sorted(index)] for split, index in cuts.items()}
+    empty = [split for split, ratio in zip(SPLITS, ratios, strict=True) if ratio > 0 and not splits[split]]
+    if empty:
+        print(f"warning: {len(pairs)} pairs at ratios {'/'.join(f'{r:g}' for r in ratios)} leave the "
+              f"{' and '.join(empty)} split empty; train.py needs rows in train, val and test", file=sys.stderr)
+    return splits
 
 
 def pairs_from_list(pairs: list[tuple[str, str]], list_csv: Path) -> dict[str, list]:
-    """The split of a given list (columns img_name, split); every listed image must have a mask."""
+    """The split of a given list (columns img_name, split). Every listed image must have a mask
+    and be listed once (an image in two splits would leak); pairs the list leaves out are named."""
     table = read_csv(list_csv, ["img_name", "split"])
     bad = sorted(set(table["split"]) - set(SPLITS))
     if bad:
@@ -53,6 +62,16 @@ def pairs_from_list(pairs: list[tuple[str, str]], list_csv: Path) -> dict[str, l
     missing = [name for name in table["img_name"] if name not in mask_of]
     if missing:
         raise CoTexNetError(f"{list_csv}: {len(missing)} listed images have no image/mask pair, e.g. {missing[:5]}")
+    twice = table[table["img_name"].duplicated(keep=False)]
+    if not twice.empty:
+        name = twice["img_name"].iloc[0]
+        where = sorted(twice.loc[twice["img_name"] == name, "split"])
+        raise CoTexNetError(f"{list_csv}: {twice['img_name'].nunique()} images listed more than once, e.g. "
+                            f"{name!r} in {' and '.join(where)}; an image belongs to one split")
+    left_out = sorted(set(mask_of) - set(table["img_name"]))
+    if left_out:
+        print(f"warning: {list_csv}: {len(left_out)} image/mask pairs are not in the list and are left out of "
+              f"every split, e.g. {left_out[:5]}", file=sys.stderr)
     return {split: [(name, mask_of[name]) for name in table.loc[table["split"] == split, "img_name"]]
             for split in SPLITS}
 
