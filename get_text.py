@@ -65,8 +65,8 @@ def list_rois(dataset_dir: Path, spec, keywords, img_format: str | None = None,
     masks = {registry.image_stem(mask, spec): dataset_dir / "masks" / mask
              for _, mask in registry.pair_files(dataset_dir, spec, img_format, mask_format).pairs}
     items = []
-    for path in sorted(roi_dir.rglob(f"*{layout.ROI_EXT}")):
-        name = path.relative_to(roi_dir).as_posix()
+    for name in layout.list_files(roi_dir, (layout.ROI_EXT,)):
+        path = roi_dir / name
         stem, category = layout.parse_roi_name(name, bool(spec.categories))
         if stem not in masks:
             raise CoTexNetError(f"{path}: ROI without a mask (no mask of image {stem} in {dataset_dir / 'masks'})")

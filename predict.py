@@ -12,6 +12,7 @@ Unreadable images are listed (and written to <output>/unreadable.txt); the rest 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ from torchvision import tv_tensors
 from tqdm.auto import tqdm
 
 from common.errors import CoTexNetError, run_cli
-from data_process.layout import IMAGE_EXTS
+from data_process.layout import IMAGE_EXTS, list_files
 from data_process.registry import read_image
 from data_process.transforms import eval_transform
 from train_utils import data, engine, reporting
@@ -60,7 +61,12 @@ def input_files(source: Path, output: Path) -> list[Path]:
                             "(masks would mix with, or overwrite, the inputs)")
     if source.is_file():
         return [source]
-    files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+    names = list_files(source)
+    nested = [name for name in names if "/" in name]
+    if nested:
+        print(f"warning: --input {source}: {len(nested)} images in sub-folders are not read, e.g. {nested[:3]}; "
+              "pass a sub-folder as --input", file=sys.stderr)
+    files = [source / name for name in names if "/" not in name]
     if not files:
         raise CoTexNetError(f"--input {source}: no images ({', '.join(sorted(IMAGE_EXTS))})")
     by_stem: dict[str, list[str]] = {}

@@ -18,6 +18,16 @@ class CoTexNetError(Exception):
     """A problem with the user's input or environment, explained in one line."""
 
 
+def user_message(err: CoTexNetError) -> str:
+    """The error's one line. A DataLoader worker re-raises the error with its whole traceback
+    as the message; the user's line is the original message at its end."""
+    text = str(err)
+    original = f"{CoTexNetError.__module__}.{CoTexNetError.__qualname__}: "
+    if "Original Traceback" in text and original in text:
+        text = text.rsplit(original, 1)[1]
+    return " ".join(text.split())
+
+
 def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
     """Run a script's `main(argv)`, turning a `CoTexNetError` into one line on stderr and exit 2."""
     args = sys.argv[1:] if argv is None else argv
@@ -27,8 +37,7 @@ def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None =
     except CoTexNetError as err:
         if debug:
             raise
-        message = " ".join(str(err).split())
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {user_message(err)}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

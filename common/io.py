@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -26,6 +27,11 @@ os.umask(_UMASK)
 def not_utf8(path, err: UnicodeDecodeError, fix: str = "save it as UTF-8") -> CoTexNetError:
     """The one message for a text file that is not UTF-8, with the first bad byte."""
     return CoTexNetError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#x} at {err.start}); {fix}")
+
+
+# atomic_path's temporary names, ".<name>.<8 random characters>.tmp<suffix>": what a killed
+# command can leave, and only that, is cleaned by `remove_stale_temporaries`.
+_TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp(\.[^./]+)?")
 
 
 @contextlib.contextmanager
@@ -49,6 +55,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> int:
+    """Delete the temporary files of writes that a kill interrupted under `folder`; returns how many.
+    Call it only where one command writes at a time (a rerun of the stage that owns the folder)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    stale = [path for path in folder.rglob(".*.tmp*") if path.is_file() and _TEMPORARY.fullmatch(path.name)]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
 
 
 def read_csv(path: str | os.PathLike, columns: Iterable[str] = (), missing_hint: str = "") -> pd.DataFrame:

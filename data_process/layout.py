@@ -34,6 +34,22 @@ def stem(name: str) -> str:
     return str(path.with_suffix("")) if path.suffix else str(path)
 
 
+def is_hidden(relative: str | Path) -> bool:
+    """Names starting with a dot are never data: our temporary files (".<name>.<random>.tmp<ext>"),
+    folders such as .ipynb_checkpoints/, macOS's "._x.jpg" companions."""
+    return any(part.startswith(".") for part in Path(relative).parts)
+
+
+def list_files(folder: str | Path, exts=IMAGE_EXTS) -> list[str]:
+    """The visible files under `folder` (recursively) with one of `exts` (case ignored), as sorted
+    POSIX paths relative to it: the one filter every reader of a data folder uses."""
+    folder = Path(folder)
+    exts = tuple(ext.lower() for ext in exts)
+    return sorted(rel for rel in (path.relative_to(folder).as_posix() for path in folder.rglob("*")
+                                  if path.suffix.lower() in exts and path.is_file())
+                  if not is_hidden(rel))
+
+
 def dataset_dir(root: str | Path, dataset_name: str) -> Path:
     return Path(root) / dataset_name
 

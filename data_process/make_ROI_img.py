@@ -26,7 +26,7 @@ import cv2
 from tqdm import tqdm
 
 from common.errors import run_cli
-from common.io import write_image
+from common.io import remove_stale_temporaries, write_image
 from data_process import layout
 from data_process.registry import DatasetSpec, category_masks, get_spec, known_datasets, pair_files, read_image
 
@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     pairing = pair_files(dataset, spec, args.img_format, args.mask_format)
     pairing.check(dataset, spec)
 
+    remove_stale_temporaries(dataset / "ROIs")  # of a run that was killed mid-write
     jobs, skipped = [], 0
     for image, mask in pairing.pairs:
         outputs = roi_paths(dataset / "ROIs", image, spec)

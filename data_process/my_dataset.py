@@ -21,7 +21,7 @@ from torchvision import tv_tensors
 from common.errors import CoTexNetError
 from common.io import read_csv
 from data_process.layout import SPLIT_COLUMNS, stem
-from data_process.registry import DatasetSpec, read_image, read_mask
+from data_process.registry import DatasetSpec, category_files, read_image, read_mask
 
 SHOW = 5  # names listed in errors
 
@@ -54,6 +54,7 @@ class SegDataset(torch.utils.data.Dataset):
         self.folder = Path(root) / dataset_name
         self.rows = list(zip(split_df["img_name"], split_df["mask_name"], strict=True))
         self.spec, self.transform = spec, transform
+        self._check_files_exist(dataset_name)
         self.tokens = None
         if prompts is not None:
             if tokenizer is None:
@@ -73,6 +74,18 @@ class SegDataset(torch.utils.data.Dataset):
                 cut = tokenizer([texts[i] for i in long], truncation=True, max_length=max_length)["input_ids"]
                 for i, ids in zip(long, cut, strict=True):
                     self.tokens[i] = ids
+
+    def _check_files_exist(self, dataset_name: str) -> None:
+        """Every listed file is there, checked before any epoch: a missing validation image must
+        not surface after a whole training epoch (nor from inside a DataLoader worker)."""
+        missing = []
+        for image, mask in self.rows:
+            mask_path = self.folder / "masks" / mask
+            masks = category_files(mask_path, self.spec) if self.spec.mask_layout == "per_category" else [mask_path]
+            missing += [path for path in (self.folder / "images" / image, *masks) if not path.is_file()]
+        if missing:
+            more = f" (and {len(missing) - 1} more missing files)" if len(missing) > 1 else ""
+            raise CoTexNetError(f"{missing[0]}: no such file, but listed in the split of {dataset_name}{more}")
 
     def __len__(self) -> int:
         return len(self.rows)

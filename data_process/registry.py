@@ -248,9 +248,7 @@ class Pairing:
 def _list_images(folder: Path, ext: str) -> list[str]:
     if not folder.is_dir():
         raise CoTexNetError(f"{folder}: no such folder")
-    exts = (ext.lower(),) if ext else layout.IMAGE_EXTS
-    return sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*")
-                  if path.suffix.lower() in exts and not path.name.startswith(".") and path.is_file())
+    return layout.list_files(folder, (ext,) if ext else layout.IMAGE_EXTS)
 
 
 def pair_files(dataset_dir, spec: DatasetSpec, image_ext: str | None = None,

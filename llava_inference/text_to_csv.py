@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -27,6 +28,7 @@ from common.io import atomic_path, not_utf8, read_csv
 from data_process import layout
 from llava_inference.attributes import KEYS, AnswerError, Attributes, parse_answer
 
+MISSING_TEXT = ("nan", "none", "null", "n/a")
 PAPER_COLUMNS = ("roi_name", "text", "text_prompt", *KEYS)
 COLUMNS = (*PAPER_COLUMNS, "source", "tries")
 
@@ -77,7 +79,7 @@ def _read_complete_rows(path: Path, partial: bool) -> list[dict]:
         data = data[: data.rfind(b"\n") + 1]
         path.write_bytes(data)
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a spreadsheet's byte-order mark is not part of the first column
     except UnicodeDecodeError as err:
         raise not_utf8(path, err, "move it away or rerun with --overwrite") from err
     reader = csv.DictReader(text.splitlines())
@@ -174,17 +176,26 @@ def load_prompts(csv_path: str | Path, spec) -> dict[str, str]:
         raise CoTexNetError(f"{csv_path}: no rows")
     order = {c: i for i, c in enumerate(spec.categories)}
     parts: dict[str, dict[str | None, str]] = {}
+    replaced: list[str] = []
     for row in table.to_dict("records"):
         stem, category = layout.parse_roi_name(row["roi_name"], bool(spec.categories))
         prompt = row.get("text_prompt", "").strip()
+        if prompt.lower() in MISSING_TEXT:  # what a spreadsheet or pandas writes for an empty cell
+            prompt = ""
         if not prompt:
             keyword = category or spec.keyword
             try:
                 prompt = sentence(parse_answer(row.get("text", "")), keyword)
             except AnswerError as err:
                 raise CoTexNetError(f"{csv_path}: row {row['roi_name']}: no text_prompt and {err}") from None
-        # One sentence per (image, category): a repeated row replaces the earlier one.
-        parts.setdefault(stem, {})[category] = prompt
+        # One sentence per (image, category): a repeated row replaces the earlier one, loudly if it differs.
+        earlier = parts.setdefault(stem, {}).get(category)
+        if earlier is not None and earlier != prompt:
+            replaced.append(row["roi_name"])
+        parts[stem][category] = prompt
+    if replaced:
+        print(f"warning: {csv_path}: {len(replaced)} ROIs have several rows with different prompts; the last row "
+              f"is used, e.g. {replaced[:5]}", file=sys.stderr)
     # sorted() is stable: categories unknown to the spec keep their file order, after the known ones.
     return {stem: " ".join(by_category[c] for c in sorted(by_category, key=lambda c: order.get(c, len(order))))
             for stem, by_category in parts.items()}

@@ -159,6 +159,26 @@ def files(**contents):
 
 
 # --- mutations -------------------------------------------------------------------------------
+def rename_pair(old: str, new: str):
+    """Image, mask and ROI `old` of the binary dataset renamed to `new` (stems)."""
+    def mutate(folder: Path) -> None:
+        for sub in ("images", "masks", "ROIs"):
+            if (folder / sub / f"{old}.jpg").exists():
+                (folder / sub / f"{old}.jpg").rename(folder / sub / f"{new}.jpg")
+    return mutate
+
+
+def finished_text_csv(bom: bool = False):
+    """ws/out.csv: the text of ws/ds written by get_text (geometry), optionally saved with a BOM."""
+    def setup(ws: Path, b) -> None:
+        import get_text
+
+        get_text.main(shlex.split(TEXT_ARGS.format(ws=ws)))
+        if bom:
+            (ws / "out.csv").write_bytes(b"\xef\xbb\xbf" + (ws / "out.csv").read_bytes())
+    return setup
+
+
 def write_csv(rows, columns=("dataset", "img_name", "mask_name")):
     return lambda path: pd.DataFrame(rows, columns=list(columns)).to_csv(path, index=False)
 
@@ -228,9 +248,16 @@ def predict_inputs(*names: str, broken: bool = False):
     def setup(ws: Path, b) -> None:
         (ws / "in").mkdir()
         for name in names:
+            (ws / "in" / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(b.root / "synthetic" / "images" / "syn_0000.jpg", ws / "in" / name)
         if broken:
             (ws / "in" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return setup
+
+
+def gif_input(name: str):
+    def setup(ws: Path, b) -> None:
+        Image.open(b.root / "synthetic" / "images" / "syn_0000.jpg").convert("P").save(ws / "in" / name)
     return setup
 
 
@@ -267,7 +294,7 @@ def text_rows(source: str | None = None, tries: int | None = None, numbers_from_
     """The text CSV has every ROI once; ROIs with a region have `source`/`tries`; the summary counts fallbacks."""
     def check(ws: Path, result: dict) -> None:
         table = pd.read_csv(ws / "out.csv")
-        assert sorted(table["roi_name"]) == sorted(p.name for p in (ws / "ds" / "ROIs").iterdir())
+        assert sorted(table["roi_name"]) == sorted(p.name for p in (ws / "ds" / "ROIs").iterdir() if p.name[0] != ".")
         asked = table[table["number"] > 0]
         assert len(asked) > 0
         if source:
@@ -373,6 +400,11 @@ CASES = [
     Case("roi_grayscale", odd_mode(lambda a: Image.fromarray(a).convert("L"),
                                    lambda m: Image.fromarray(m.astype(np.uint8) * 255)), ROI, ODD_ARGS, 0,
          ("1 images done",), check=roi_matches_mask),
+    Case("roi_rerun_cleans_a_killed_write", both(dataset(rois=True), files(**{
+        "ds/ROIs/.syn_0001.jpg.k3j4h5g6.tmp.jpg": b"half a JPEG"})), ROI, ROI_ARGS, 0, ("0 images done, 4 skipped",)),
+    Case("text_ignores_hidden_files_in_rois", both(dataset(rois=True), files(**{
+        "ds/ROIs/._syn_0001.jpg": b"macOS metadata", "ds/ROIs/.ipynb_checkpoints/syn_0001-checkpoint.jpg": b"x"})),
+         "get_text.py", TEXT_ARGS, 0, ("4 rows",), check=text_rows()),
     Case("roi_label_map", dataset(src="mc"), ROI,
          "--dataset-name synthetic_multiclass --dataset-path {ws}/ds --workers 1", 0, ("2 images done",),
          check=one_roi_per_category),
@@ -428,6 +460,10 @@ CASES = [
          ("{ws}/afile: cannot write here",)),
     Case("text_empty_mask_roi", dataset(rewrite_mask(M1, lambda m: m * 0), rois=True), "get_text.py", TEXT_ARGS, 0,
          ("4 rows", "text CSV written to"), ("out.partial*",), check=empty_roi_sentence),
+    Case("text_binary_name_with_the_category_separator", dataset(rename_pair("syn_0001", "case__01"), rois=True),
+         "get_text.py", TEXT_ARGS, 0, ("4 rows",), check=text_rows()),
+    Case("text_rerun_on_a_csv_saved_with_bom", both(dataset(rois=True), finished_text_csv(bom=True)), "get_text.py",
+         TEXT_ARGS, 0, ("4 rows (4 from earlier runs)",), check=text_rows()),
     Case("text_wrong_keyword_count", dataset(rois=True, src="mc"), "get_text.py",
          "--dataset-name synthetic_multiclass --dataset-path {ws}/ds --describer geometry --keywords a,b,c "
          "--out {ws}/out.csv", 2, ("keywords: synthetic_multiclass has 2 categories, got 3",), ("out.csv",)),
@@ -504,6 +540,17 @@ CASES = [
         lambda ws, b: shutil.copytree(b.root / "synthetic", ws / "data" / "synthetic"),
         lambda ws, b: (ws / "data/synthetic/images/syn_0003.jpg").unlink(), config("DATASET.root_dir={ws}/data")),
          "train.py", TRAIN_ARGS, 2, ("{ws}/data/synthetic/images/syn_0003.jpg: no such file",), NO_RUN),
+    Case("split_val_image_missing_with_workers", both(
+        lambda ws, b: shutil.copytree(b.root / "synthetic", ws / "data" / "synthetic"),
+        lambda ws, b: (ws / "data/synthetic/images/syn_0009.jpg").unlink(),
+        config("DATASET.root_dir={ws}/data", "TRAIN.num_workers=2")), "train.py", TRAIN_ARGS, 2,
+         ("{ws}/data/synthetic/images/syn_0009.jpg: no such file, but listed in the split of synthetic",),
+         (*NO_RUN, "runs/r/log.csv")),
+    Case("split_val_image_truncated_with_workers", both(
+        lambda ws, b: shutil.copytree(b.root / "synthetic", ws / "data" / "synthetic"),
+        lambda ws, b: truncate("syn_0008.jpg", 0.3)(ws / "data" / "synthetic" / "images"),
+        config("DATASET.root_dir={ws}/data", "TRAIN.num_workers=2")), "train.py", TRAIN_ARGS, 2,
+         ("{ws}/data/synthetic/images/syn_0008.jpg: unreadable or truncated",), ("runs/r/best", "runs/r/metrics.json")),
     Case("split_duplicate_rows", splits(edit_csv(lambda t: pd.concat([t, t.iloc[:2]]))), "train.py", TRAIN_ARGS, 0,
          ("warning: {ws}/splits/train_data.csv: 2 repeated rows of synthetic dropped",), check=run_finished),
     # stage 3: text CSVs ------------------------------------------------------------------------
@@ -515,6 +562,18 @@ CASES = [
     Case("text_csv_nan_prompt", text(edit_csv(lambda t: t.assign(
         text_prompt=t["text_prompt"].where(t["roi_name"] != "syn_0003.jpg", "")))), "train.py", TRAIN_ARGS, 2,
          ("{ws}/text.csv: row syn_0003.jpg: no text_prompt and answer lacks",), NO_RUN),
+    Case("text_csv_prompt_written_as_nan", text(edit_csv(lambda t: t.assign(
+        text_prompt=t["text_prompt"].where(t["roi_name"] != "syn_0003.jpg", "NaN")))), "train.py", TRAIN_ARGS, 2,
+         ("{ws}/text.csv: row syn_0003.jpg: no text_prompt and answer lacks",), NO_RUN),
+    Case("text_csv_prompt_written_as_none", text(edit_csv(lambda t: t.assign(
+        text_prompt=t["text_prompt"].where(t["roi_name"] != "syn_0002.jpg", "None")))), "train.py", TRAIN_ARGS, 2,
+         ("{ws}/text.csv: row syn_0002.jpg: no text_prompt",), NO_RUN),
+    Case("text_csv_one_roi_two_prompts", text(edit_csv(lambda t: pd.concat(
+        [t, t.iloc[1:2].assign(text_prompt="2 oval large white polyp areas, located in the left of the image.")]))),
+         "train.py", TRAIN_ARGS, 0, ("warning: {ws}/text.csv: 1 ROIs have several rows with different prompts; the "
+                                     "last row is used, e.g. ['syn_0001.jpg']",), check=run_finished),
+    Case("text_csv_saved_with_bom", text(lambda p: p.write_bytes(b"\xef\xbb\xbf" + p.read_bytes())), "train.py",
+         TRAIN_ARGS, 0, (), check=run_finished),
     Case("text_csv_missing_columns", text(edit_csv(lambda t: t[["roi_name"]])), "train.py", TRAIN_ARGS, 2,
          ("{ws}/text.csv: needs columns roi_name and text_prompt",), NO_RUN),
     Case("text_csv_latin1", text(lambda p: p.write_bytes(p.read_text().replace("red", "r\xe9d").encode("latin-1"))),
@@ -569,6 +628,11 @@ CASES = [
          "--run {run} --input {ws}/in --output {ws}/afile/out", 2, ("{ws}/afile/out: cannot write here",)),
     Case("eval_out_under_a_file", files(afile="x"), "evaluate.py", "--run {run} --out {ws}/afile/eval", 2,
          ("{ws}/afile/eval", "cannot write here")),
+    Case("predict_skips_hidden_files_and_says_what_it_leaves", both(predict_inputs("a.jpg", "._a.jpg", ".ipynb_checkpoints/a-checkpoint.jpg",
+                                                                         "sub/c.jpg"), gif_input("d.gif")),
+         "predict.py", "--run {run} --input {ws}/in --output {ws}/out", 0,
+         ("warning: --input {ws}/in: 1 images in sub-folders are not read, e.g. ['sub/c.jpg']", "2 mask(s) written"),
+         check=predicted("a.png", "d.png")),
     Case("predict_two_inputs_one_stem", predict_inputs("a.jpg", "a.png"), "predict.py",
          "--run {run} --input {ws}/in --output {ws}/out", 2, ("a.jpg", "a.png")),
     # safety ------------------------------------------------------------------------------------
@@ -648,6 +712,7 @@ def assert_outcome(case: Case, result: dict, ws: Path) -> None:
         lines = result["stderr"].strip().splitlines()
         errors = [line for line in lines if line.startswith("error:")]
         assert "Traceback" not in result["stderr"] and errors == [lines[-1]], result["stderr"][-3000:]
+        assert len(lines[-1]) < 500, f"one line means one short line: {lines[-1][:1000]}"
         for fragment in says:
             assert fragment in lines[-1]
     else:
