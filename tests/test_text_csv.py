@@ -9,8 +9,8 @@ import pytest
 import get_text
 from common.errors import CoTexNetError
 from data_process import layout, registry
-from llava_inference import geometry
-from llava_inference.attributes import LOCATIONS, SIZES, location_words
+from llava_inference import describe, geometry
+from llava_inference.attributes import LOCATIONS, SIZES, Attributes, location_words
 from llava_inference.text_to_csv import COLUMNS, PAPER_COLUMNS, load_prompts
 from tests.text_fixtures import *  # noqa: F403 (session fixtures)
 
@@ -136,6 +136,42 @@ def test_img_format_picks_one_of_two_images_with_the_same_stem(synthetic, tmp_pa
         _run(folder, tmp_path / "a.csv", "--describer", "geometry")
     assert len(_run(folder, tmp_path / "b.csv", "--describer", "geometry", "--img-format", img_format)) == len(
         list((folder / "ROIs").glob("*.jpg")))
+
+
+def test_describers_yield_every_row_in_batches_and_write_nothing(synthetic):
+    """The row generators only read: run() is the one place that writes. The model is asked per
+    slice of --batch-size ROIs less their empty masks; no answer -> the geometry row as fallback;
+    hybrid -> shape and colour from the model, the rest from the mask."""
+    spec = registry.get_spec("synthetic")
+    items = describe.list_rois(synthetic, spec, ("polyp area",))
+    files = sorted(synthetic.rglob("*"))
+    by_mask = {row["roi_name"]: row for row in describe.geometry_rows(items, spec)}
+    assert list(by_mask) == [item.roi_name for item in items]
+    empty = {name for name, row in by_mask.items() if row["number"] == 0}
+    assert 0 < len(empty) < len(items) and all(by_mask[name]["source"] == "geometry" for name in by_mask)
+    calls = []
+    answer = Attributes(1, "center", "crescent", "large", "blue")
+
+    class Scripted:  # LlavaDescriber.describe's contract: (attributes or None, answers drawn) per ROI
+        def describe(self, images, keywords, max_numbers, max_retries):
+            calls.append(len(images))
+            return [(None, max_retries) if len(calls) == 1 else (answer, 1)] * len(images)
+
+    rows = list(describe.model_rows(items, spec, Scripted(), hybrid=True, batch_size=8, max_retries=3))
+    assert sorted(row["roi_name"] for row in rows) == sorted(by_mask)
+    assert calls == [sum(item.roi_name not in empty for item in items[i:i + 8]) for i in range(0, len(items), 8)]
+    first_batch = {item.roi_name for item in items[:8]} - empty
+    for row in rows:
+        mask_row = by_mask[row["roi_name"]]
+        if row["roi_name"] in empty:
+            assert row == mask_row
+        elif row["roi_name"] in first_batch:
+            assert row == {**mask_row, "source": "fallback", "tries": 3}
+        else:
+            assert row["source"] == "hybrid" and row["tries"] == 1
+            assert [row[k] for k in ("number", "location", "size")] == [mask_row[k] for k in ("number", "location", "size")]
+            assert (row["shape"], row["color"]) == (answer.codes()["shape"], answer.codes()["color"])
+    assert sorted(synthetic.rglob("*")) == files
 
 
 def test_paper_format_csv_loads(tmp_path):

@@ -1,0 +1,206 @@
+"""Stage 2's flow: list the ROIs, share them over processes, describe them, write the text CSV.
+
+`run(job)` is the whole stage: check the model folder (before anything is written), list the
+ROIs, skip those an earlier run finished, describe this process's share, append each finished
+row to the resumable CSV (text_to_csv.ResultWriter), and on the main process merge the shards
+into the final CSV. The describers are generators of finished rows (`geometry_rows`,
+`model_rows`): they read files and ask the model, and write nothing; `run` writes every row and
+advances the progress bar in one place.
+
+Data parallel: under `accelerate launch` (or torchrun) each process takes every N-th ROI still
+to do and its own slice of the GPUs; alone, a process takes every ROI and spreads the model over
+every visible GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from common.errors import CoTexNetError
+from data_process import layout, registry
+from llava_inference import geometry
+from llava_inference.attributes import Attributes
+from llava_inference.text_to_csv import ResultWriter, empty_row, make_row
+
+
+@dataclass(frozen=True)
+class Job:
+    """What to describe and how; the fields are get_text.py's options (see its --help)."""
+
+    dataset_name: str
+    dataset_path: Path | None  # None: layout's default folder of the dataset
+    img_format: str | None
+    mask_format: str | None
+    keywords: str | None       # None: the registry's
+    out: Path | None           # None: layout's default text CSV
+    describer: str             # llava | geometry | hybrid
+    model_path: str
+    batch_size: int
+    max_retries: int
+    dtype: str
+    seed: int
+    constrain: bool
+    max_new_tokens: int
+    temperature: float
+    overwrite: bool
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The main process's result: the final table and where its rows came from."""
+
+    table: pd.DataFrame
+    earlier: int     # rows taken from earlier runs
+    processes: int
+    out: Path
+
+
+@dataclass(frozen=True)
+class RoiItem:
+    roi_name: str          # relative to ROIs/, as written by make_ROI_img.py
+    roi_path: Path
+    mask_path: Path
+    label: int             # the mask's label value of this ROI (1 for binary masks)
+    keyword: str
+
+    def load(self, spec) -> tuple[np.ndarray, np.ndarray]:
+        """The ROI image (RGB) and its binary mask at the ROI's size."""
+        roi = registry.read_image(self.roi_path)
+        mask = registry.read_mask(self.mask_path, spec, size=(roi.shape[1], roi.shape[0]))
+        return roi, (mask == self.label).astype(np.uint8)
+
+
+def list_rois(dataset_dir: Path, spec, keywords, img_format: str | None = None,
+              mask_format: str | None = None) -> list[RoiItem]:
+    """Every ROI image of the dataset with its mask; `keywords` = per category (or one for binary)."""
+    roi_dir = dataset_dir / "ROIs"
+    if not roi_dir.is_dir():
+        raise CoTexNetError(f"{roi_dir}: no ROI folder (run data_process/make_ROI_img.py first)")
+    masks = {registry.image_stem(mask, spec): dataset_dir / "masks" / mask
+             for _, mask in registry.pair_files(dataset_dir, spec, img_format, mask_format).pairs}
+    items = []
+    for name in layout.list_files(roi_dir, (layout.ROI_EXT,)):
+        path = roi_dir / name
+        stem, category = layout.parse_roi_name(name, bool(spec.categories))
+        if stem not in masks:
+            raise CoTexNetError(f"{path}: ROI without a mask (no mask of image {stem} in {dataset_dir / 'masks'})")
+        if spec.categories:
+            if category not in spec.categories:
+                raise CoTexNetError(f"{path}: category {category!r} is not one of {', '.join(spec.categories)}")
+            label = spec.categories.index(category) + 1
+        else:
+            label = 1
+        items.append(RoiItem(name, path, masks[stem], label, keywords[label - 1]))
+    if not items:
+        raise CoTexNetError(f"{roi_dir}: no ROI images (*{layout.ROI_EXT})")
+    return items
+
+
+def _measure(item: RoiItem, spec) -> tuple[np.ndarray, Attributes | None]:
+    """The ROI image and what its mask shows; None where the mask is empty (nothing to describe)."""
+    roi, mask = item.load(spec)
+    if geometry.count_regions(mask) == 0:
+        return roi, None
+    return roi, geometry.describe(mask, roi, str(item.mask_path))
+
+
+def geometry_rows(items: list[RoiItem], spec) -> Iterator[dict]:
+    """The row of each ROI from its mask and image alone, one by one."""
+    for item in items:
+        _, truth = _measure(item, spec)
+        yield (empty_row(item.roi_name, item.keyword) if truth is None
+               else make_row(item.roi_name, truth, item.keyword, "geometry", 0))
+
+
+def model_rows(items: list[RoiItem], spec, model, hybrid: bool, batch_size: int, max_retries: int) -> Iterator[dict]:
+    """The row of each ROI from `model` (a LlavaDescriber), `batch_size` ROIs per call: an empty
+    mask's row at once, the others once their batch is answered. An ROI without a valid answer
+    gets the geometry row (source `fallback`); `hybrid` takes number, location and size from the mask."""
+    for start in range(0, len(items), batch_size):
+        asked = []
+        for item in items[start:start + batch_size]:
+            roi, truth = _measure(item, spec)
+            if truth is None:
+                yield empty_row(item.roi_name, item.keyword)
+            else:
+                asked.append((item, roi, truth))
+        if not asked:
+            continue
+        batch, rois, truths = zip(*asked, strict=True)
+        answers = model.describe(list(rois), [item.keyword for item in batch], [t.number for t in truths], max_retries)
+        for item, truth, (answer, tries) in zip(batch, truths, answers, strict=True):
+            if answer is None:
+                attrs, source = truth, "fallback"
+            elif hybrid:
+                attrs, source = Attributes(truth.number, truth.location, answer.shape, truth.size, answer.color), "hybrid"
+            else:
+                attrs, source = answer, "llava"
+            yield make_row(item.roi_name, attrs, item.keyword, source, tries)
+
+
+def process_gpus(state) -> list[int]:
+    """This process's share of the visible GPUs: all of them for one process, a slice for each of several."""
+    import torch
+
+    count = torch.cuda.device_count()
+    if count == 0:
+        return []
+    per = max(1, count // state.num_processes)
+    first = (state.local_process_index * per) % count
+    return list(range(first, first + per))
+
+
+def run(job: Job) -> Summary | None:
+    """Describe every ROI of the dataset not yet in the CSV; the main process returns the summary
+    once the final CSV is written, the other processes None."""
+    spec = registry.get_spec(job.dataset_name)
+    named = registry.get_spec(job.dataset_name, job.keywords)
+    dataset_dir = job.dataset_path or layout.dataset_dir(layout.DEFAULT_ROOT, job.dataset_name)
+    out = job.out or layout.text_csv(job.dataset_name)
+    if job.describer != "geometry":
+        from llava_inference.llava_model import check_model_folder
+
+        check_model_folder(Path(job.model_path))  # before anything is written
+
+    import torch
+    from accelerate import PartialState  # one process unless started by `accelerate launch` / torchrun
+
+    # cpu=True on CPU-only machines: several processes there then talk over gloo.
+    state = PartialState(cpu=not torch.cuda.is_available())
+    items = list_rois(dataset_dir, spec, named.categories or (named.keyword,), job.img_format, job.mask_format)
+    if job.overwrite and state.is_main_process:
+        ResultWriter.discard_partials(out)
+    state.wait_for_everyone()
+    writer = ResultWriter(out, shard=f"-{state.process_index}" if state.num_processes > 1 else "", fresh=job.overwrite)
+    # Every process reads the finished ROIs before any writes new ones: all shard the same list.
+    state.wait_for_everyone()
+    todo = [item for item in items if item.roi_name not in writer.rows]
+    earlier = len(items) - len(todo)
+    todo = todo[state.process_index::state.num_processes]
+    progress = tqdm(total=len(todo), desc=f"describing ({job.describer})", unit="ROI", disable=not state.is_main_process)
+    try:
+        if job.describer == "geometry":
+            rows = geometry_rows(todo, spec)
+        else:
+            from llava_inference.llava_model import LlavaDescriber
+
+            model = LlavaDescriber(job.model_path, dtype=job.dtype, constrain=job.constrain,
+                                   max_new_tokens=job.max_new_tokens, temperature=job.temperature,
+                                   seed=job.seed, gpus=process_gpus(state))
+            rows = model_rows(todo, spec, model, job.describer == "hybrid", job.batch_size, job.max_retries)
+        for row in rows:
+            writer.add(row)
+            progress.update()
+    finally:
+        progress.close()
+        writer.close()
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    return Summary(writer.finalize([item.roi_name for item in items]), earlier, state.num_processes, out)
