@@ -14,15 +14,17 @@ import argparse
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from common.errors import CoTexNetError, run_cli
 from common.io import write_json
 from data_process.layout import SPLITS
 from data_process.registry import read_image, read_mask
-from train_utils import data, engine, reporting
-from train_utils.metrics import class_names, image_metrics, predict_labels, summarize
+from train_utils import data, reporting
+from train_utils.inference import predict_batches
+from train_utils.metrics import class_names, image_metrics, summarize
+from train_utils.precision import make_accelerator
+from train_utils.run_state import load_run
 
 
 def parse_args(argv):
@@ -38,30 +40,26 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    cfg, model, extra = engine.load_run(args.run, args.checkpoint, args.clipseg)
+    cfg, model, extra = load_run(args.run, args.checkpoint, args.clipseg)
     out = Path(args.out or Path(args.run) / f"eval_{args.split}")
-    accelerator = engine.make_accelerator(cfg)
+    accelerator = make_accelerator(cfg)
     split = data.dataset(cfg, args.split)
     masks_of = dict(split.rows)  # image name -> mask name
     folder, spec, k = split.folder, data.spec(cfg), cfg.DATASET.num_classes
     names = class_names(k, spec.categories)
     model = model.to(accelerator.device)
-    loader = accelerator.prepare(data.loader(cfg, data.SkipUnreadable(split), collate_fn=data.collate_readable))
+    loader = accelerator.prepare(data.readable_loader(cfg, split))
 
     rows, unreadable, overlays = [], [], 0
-    for batch in tqdm(loader, desc=f"evaluate {args.split}", disable=not accelerator.is_main_process):
+    batches = tqdm(loader, desc=f"evaluate {args.split}", disable=not accelerator.is_main_process)
+    for batch, preds in predict_batches(model, batches, accelerator):
         # Every process gathers every batch, even one of unreadable images only: a process that
         # skipped a gather would leave the others waiting in it.
         unreadable += accelerator.gather_for_metrics(batch["errors"], use_gather_object=True)
         batch_rows = []
-        if batch["name"]:
-            with torch.no_grad(), accelerator.autocast():
-                logits = model(batch["pixel_values"]).logits.float()
-        for i, (name, (h, w)) in enumerate(zip(batch["name"], batch["orig_size"], strict=True)):
-            # Resize logits (not labels): a smooth upsampling, then the decision at full size.
-            pred = predict_labels(F.interpolate(logits[i : i + 1], size=(int(h), int(w)), mode="bilinear",
-                                                align_corners=False))[0].cpu()
-            truth = torch.from_numpy(read_mask(folder / "masks" / masks_of[name], spec, size=(int(w), int(h))))
+        for name, pred in zip(batch["name"], preds, strict=True):
+            h, w = pred.shape
+            truth = torch.from_numpy(read_mask(folder / "masks" / masks_of[name], spec, size=(w, h)))
             batch_rows.append(dict(name=name, **image_metrics(pred[None], truth[None], k, names)[0]))
             stem = Path(name).stem
             reporting.write_mask(out / "masks" / f"{stem}.png", pred.numpy(), k)

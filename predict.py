@@ -15,41 +15,15 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from torch.utils.data import Dataset
-from torchvision import tv_tensors
 from tqdm.auto import tqdm
 
 from common.errors import CoTexNetError, run_cli
 from data_process.layout import IMAGE_EXTS, list_files
 from data_process.registry import read_image
-from data_process.transforms import eval_transform
-from train_utils import data, engine, reporting
-from train_utils.metrics import predict_labels
-
-
-class ImageFiles(Dataset):
-    """Images only, resized and normalised exactly as in validation."""
-
-    def __init__(self, paths: list[Path], size: int):
-        self.paths, self.transform = paths, eval_transform(size)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> dict:
-        image = read_image(self.paths[index])
-        pixels = self.transform(tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1)))
-        return dict(pixel_values=pixels.as_subclass(torch.Tensor), name=str(self.paths[index]),
-                    orig_size=image.shape[:2])
-
-
-def collate(batch: list[dict]) -> dict:
-    good = [item for item in batch if "error" not in item]
-    return dict(pixel_values=torch.stack([item["pixel_values"] for item in good]) if good else None,
-                name=[item["name"] for item in good], orig_size=[item["orig_size"] for item in good],
-                errors=[item["error"] for item in batch if "error" in item])
+from train_utils import data, reporting
+from train_utils.inference import predict_batches
+from train_utils.precision import make_accelerator
+from train_utils.run_state import load_run
 
 
 def input_files(source: Path, output: Path) -> list[Path]:
@@ -94,27 +68,21 @@ def main(argv: list[str] | None = None) -> None:
 
     output = Path(args.output)
     files = input_files(Path(args.input), output)
-    cfg, model, _ = engine.load_run(args.run, args.checkpoint, args.clipseg)
+    cfg, model, _ = load_run(args.run, args.checkpoint, args.clipseg)
     if args.batch_size is not None:
         cfg.TRAIN.batch_size = args.batch_size
-    accelerator = engine.make_accelerator(cfg)
+    accelerator = make_accelerator(cfg)
     model = model.to(accelerator.device)
-    loader = data.loader(cfg, data.SkipUnreadable(ImageFiles(files, cfg.TRAIN.input_size)), collate_fn=collate)
+    loader = data.readable_loader(cfg, data.ImageFiles(files, cfg.TRAIN.input_size))
 
     written, unreadable = 0, []
-    for batch in tqdm(loader, desc="predict", unit="batch"):
+    for batch, preds in predict_batches(model, tqdm(loader, desc="predict", unit="batch"), accelerator):
         unreadable += batch["errors"]
-        if not batch["name"]:
-            continue
-        with torch.no_grad(), accelerator.autocast():
-            logits = model(batch["pixel_values"].to(accelerator.device)).logits.float()
-        for i, (name, (h, w)) in enumerate(zip(batch["name"], batch["orig_size"], strict=True)):
-            pred = predict_labels(F.interpolate(logits[i : i + 1], size=(h, w), mode="bilinear",
-                                                align_corners=False))[0].cpu().numpy()
+        for name, pred in zip(batch["name"], preds, strict=True):
             stem = Path(name).stem
-            reporting.write_mask(output / f"{stem}.png", pred, cfg.DATASET.num_classes)
+            reporting.write_mask(output / f"{stem}.png", pred.numpy(), cfg.DATASET.num_classes)
             if args.overlay:
-                reporting.write_overlay(output / "overlays" / f"{stem}.png", read_image(name), None, pred)
+                reporting.write_overlay(output / "overlays" / f"{stem}.png", read_image(name), None, pred.numpy())
             written += 1
     data.report_unreadable(unreadable, output / "unreadable.txt")
     print(f"{written} mask(s) written to {output}" + (f", overlays in {output / 'overlays'}" if args.overlay else ""))

@@ -7,12 +7,14 @@
 
 Everything goes to runs/<name>/: config.yaml (resolved), log.csv (one row per epoch),
 curves.png, best/ and last/ checkpoints, overlays/, metrics.json, test_per_image.csv.
-Ctrl-C finishes the current epoch and saves last/ (a second Ctrl-C quits at once).
+Ctrl-C or SIGTERM finishes the current epoch, saves last/ and exits with status 130
+(a second one quits at once).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -20,16 +22,19 @@ import torch
 from accelerate.utils import set_seed
 from transformers import AutoConfig, AutoTokenizer
 
-from common.errors import CoTexNetError, run_cli
+from common.errors import EXIT_INTERRUPTED, CoTexNetError, run_cli
 from common.io import write_json, write_text
 from data_process.registry import REGISTRY_FILE, known_datasets
 from llava_inference.text_to_csv import load_prompts
 from model.checkpoint import load_checkpoint
 from model.CoTexNet import CoTexNet
-from train_utils import data, engine, reporting
+from train_utils import data, reporting, run_state
 from train_utils.config import load_config
+from train_utils.loops import Outcome, Training, evaluate, fit
 from train_utils.losses import CoTexNetLoss
 from train_utils.metrics import class_names
+from train_utils.optim import build_optimizer, build_scheduler
+from train_utils.precision import make_accelerator
 
 DEFAULT_CONFIG = "dataset_config/train_config.yaml"
 
@@ -84,24 +89,15 @@ def load_tokenizer(name: str):
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.resume:
-        if args.overrides:
-            raise CoTexNetError("--resume continues a run with its saved config; overrides are not allowed")
-        if not (Path(args.resume) / "config.yaml").is_file():
-            raise CoTexNetError(f"--resume {args.resume}: not a run folder of train.py (no config.yaml)")
-        cfg = load_config(Path(args.resume) / "config.yaml")
-        state = engine.load_training_state(Path(args.resume))
-        if state is None:
-            print(f"{args.resume}: no last/ checkpoint (stopped during its first epoch): starting over from "
-                  "epoch 1 with its config.yaml")
-    else:
-        cfg, state = load_config(args.config, args.overrides), None
+    if args.resume and args.overrides:
+        raise CoTexNetError("--resume continues a run with its saved config; overrides are not allowed")
+    cfg = run_state.run_config(args.resume) if args.resume else load_config(args.config, args.overrides)
     # Checked before the run folder is made: a wrong setting leaves nothing behind.
     spec = data.spec(cfg)
     check_num_classes(cfg, spec)
     tokenizer = load_tokenizer(cfg.MODEL.clipseg_hf_api)
     run = run_folder(cfg, args.resume)
-    accelerator = engine.make_accelerator(cfg)
+    accelerator = make_accelerator(cfg)
     main_process = accelerator.is_main_process
     if main_process:
         print(cfg.to_yaml())
@@ -117,25 +113,21 @@ def main(argv: list[str] | None = None) -> None:
     train_loader = data.loader(cfg, train_set, shuffle=True, generator=generator)
     val_loader, test_loader = data.loader(cfg, val_set), data.loader(cfg, test_set)
 
-    # Model, loss, optimizer, schedule (restored from last/ when resuming).
-    if state is None:
-        model = CoTexNet.from_clipseg(cfg.MODEL.clipseg_hf_api, cfg.DATASET.num_classes)
-    else:
-        model, _ = load_checkpoint(run / "last", num_classes=cfg.DATASET.num_classes)
+    # Model, loss, optimizer, schedule; a resumed run restores them, and the rest, from its last/.
+    model = CoTexNet.from_clipseg(cfg.MODEL.clipseg_hf_api, cfg.DATASET.num_classes)
     criterion = CoTexNetLoss(cfg.DATASET.num_classes, cfg.TRAIN.seg_weight, cfg.TRAIN.kl_weight)
-    optimizer = engine.build_optimizer(model, cfg)
-    scheduler = engine.build_scheduler(optimizer, cfg, len(train_loader))
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, len(train_loader))
     model, optimizer, train_loader, val_loader, test_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, val_loader, test_loader, scheduler)
+    training = Training(cfg, run, accelerator, model, criterion, optimizer, scheduler, train_loader, val_loader,
+                        generator, names)
+    start_epoch = run_state.resume(training) if args.resume else 0
 
-    finished = engine.fit(cfg, run, accelerator, model, criterion, optimizer, scheduler, train_loader, val_loader,
-                          generator, state, names)
-    if not finished:
-        print(f"stopped; last/ saved. Continue with: python train.py --resume {run}")
-        raise KeyboardInterrupt
+    if fit(training, start_epoch) is Outcome.INTERRUPTED:
+        if main_process:
+            print(f"stopped; last/ saved. Continue with: python train.py --resume {run}", flush=True)
+        sys.exit(EXIT_INTERRUPTED)
 
     # Final evaluation of the best checkpoint (or the last weights when TRAIN.save_best is false).
     if cfg.TRAIN.save_best:
@@ -143,8 +135,8 @@ def main(argv: list[str] | None = None) -> None:
         model.to(accelerator.device)
     results, per_image = {}, {}
     for split, split_loader in (("val", val_loader), ("test", test_loader)):
-        per_image[split], results[split], _ = engine.evaluate(model, split_loader, accelerator,
-                                                              cfg.DATASET.num_classes, names, desc=split)
+        per_image[split], results[split], _ = evaluate(model, split_loader, accelerator, cfg.DATASET.num_classes,
+                                                       names, desc=split)
     if main_process:
         best_epoch = extra["epoch"] if cfg.TRAIN.save_best else None
         write_json(run / "metrics.json", dict(best_epoch=best_epoch, resolution=cfg.TRAIN.input_size, **results))

@@ -8,7 +8,7 @@ from common.errors import CoTexNetError
 from tests.train_fixtures import REPO
 from train_utils.config import Config, load_config
 from train_utils.early_stopping import EarlyStopping
-from train_utils.engine import build_scheduler
+from train_utils.optim import build_scheduler
 
 
 def test_paper_defaults_load():

@@ -126,6 +126,55 @@ def test_resume_after_ctrl_c_reaches_the_same_weights(trained_run, train_setup):
     pd.testing.assert_frame_equal(pd.read_csv(full / "log.csv")[columns], pd.read_csv(run / "log.csv")[columns])
 
 
+def test_sigterm_saves_last_and_exits_130(train_setup):  # noqa: F811
+    """SIGTERM (a scheduler's stop) is a Ctrl-C: the epoch finishes, last/ is saved, exit 130."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    stderr = train_setup["work"] / "terminated.stderr"
+    with open(stderr, "w") as err:
+        proc = subprocess.Popen([sys.executable, "train.py", "--config", str(train_setup["config"]),
+                                 "TRAIN.run_name=terminated"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=err, text=True)
+        deadline = time.time() + 240
+        while "epoch 1 train" not in stderr.read_text() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=240)
+    run = train_setup["runs"] / "terminated"
+    assert proc.returncode == 130, out + stderr.read_text()
+    assert "SIGTERM: finishing this epoch" in out and f"--resume {run}" in out
+    assert (run / "last" / "training_state.pt").is_file() and not (run / "metrics.json").exists()
+    assert "Traceback" not in stderr.read_text()
+
+
+def test_a_second_stop_request_quits_at_once():
+    from train_utils.loops import StopOnRequest
+
+    before = signal.getsignal(signal.SIGTERM)
+    with StopOnRequest() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)  # the handler runs in the main thread at its next bytecode
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_labels_at_gives_each_image_its_own_size():
+    import torch
+    import torch.nn.functional as F
+
+    from train_utils.inference import labels_at
+
+    logits = torch.randn(2, 1, 8, 8)
+    small, large = labels_at(logits, [(8, 8), (20, 12)])
+    assert small.equal((logits[0, 0] > 0).long())  # at its own size: no resampling
+    resized = F.interpolate(logits[1:], size=(20, 12), mode="bilinear", align_corners=False)
+    assert large.shape == (20, 12) and large.equal((resized[0, 0] > 0).long())
+    three = labels_at(torch.randn(1, 3, 4, 4), [(6, 5)])[0]
+    assert three.shape == (6, 5) and set(three.unique().tolist()) <= {0, 1, 2}
+
+
 def test_resume_of_a_folder_that_is_not_a_run(tmp_path):
     with pytest.raises(CoTexNetError, match="not a run folder"):
         train.main(["--resume", str(tmp_path)])
@@ -194,17 +243,18 @@ def test_save_last_survives_a_kill_between_its_renames(train_setup, tmp_path, mo
 
     from model.checkpoint import load_checkpoint
     from model.CoTexNet import CoTexNet
-    from train_utils import engine
+    from train_utils import run_state
     from train_utils.config import load_config
     from train_utils.early_stopping import EarlyStopping
+    from train_utils.optim import build_optimizer, build_scheduler
 
     cfg = load_config(train_setup["config"])
     model = CoTexNet.from_clipseg(train_setup["work"] / "tiny_clipseg")
-    optimizer = engine.build_optimizer(model, cfg)
-    scheduler = engine.build_scheduler(optimizer, cfg, 2)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, 2)
     args = (model, optimizer, scheduler, Accelerator(cpu=True), EarlyStopping(5, 10))
     run = tmp_path / "run"
-    engine.save_last(run, *args, 1, torch.Generator())
+    run_state.save_last(run, *args, 1, torch.Generator())
     rename = Path.rename
 
     def killed_before_the_second_rename(self, target):
@@ -214,10 +264,10 @@ def test_save_last_survives_a_kill_between_its_renames(train_setup, tmp_path, mo
 
     monkeypatch.setattr(Path, "rename", killed_before_the_second_rename)
     with pytest.raises(KeyboardInterrupt):
-        engine.save_last(run, *args, 2, torch.Generator())
+        run_state.save_last(run, *args, 2, torch.Generator())
     monkeypatch.undo()
     assert not (run / "last").exists() and (run / ".last.tmp").is_dir() and (run / ".last.old").is_dir()
-    assert engine.load_training_state(run)["epoch"] == 2  # the newer complete folder wins
+    assert run_state.load_training_state(run)["epoch"] == 2  # the newer complete folder wins
     assert load_checkpoint(run / "last")[1]["epoch"] == 2
     assert sorted(p.name for p in run.iterdir()) == ["last"]
 
@@ -225,12 +275,12 @@ def test_save_last_survives_a_kill_between_its_renames(train_setup, tmp_path, mo
     (run / "last").rename(run / ".last.old")
     (run / ".last.tmp").mkdir()
     (run / ".last.tmp" / "model.safetensors").write_bytes(b"half")
-    assert engine.load_training_state(run)["epoch"] == 2 and sorted(p.name for p in run.iterdir()) == ["last"]
+    assert run_state.load_training_state(run)["epoch"] == 2 and sorted(p.name for p in run.iterdir()) == ["last"]
 
-    state = run / "last" / engine.STATE_FILE
+    state = run / "last" / run_state.STATE_FILE
     state.write_bytes(state.read_bytes()[:1000])
     with pytest.raises(CoTexNetError, match=r"last/training_state.pt: truncated or corrupt"):
-        engine.load_training_state(run)
+        run_state.load_training_state(run)
 
 
 def test_resume_of_a_run_killed_in_its_first_epoch(train_setup, tmp_path, capsys):  # noqa: F811

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from common.errors import CoTexNetError, run_cli
-from train_utils.engine import cpu_has_native_bf16
+from train_utils.precision import cpu_has_native_bf16
 
 # The paper's code on this kind of machine (2 threads, batch 4, real size, fp32, quiet).
 PAPER = dict(train_step=1.80, eval_forward=0.22, val_pass=0.27, peak_rss_gb=3.16, checkpoint_mb=982,

@@ -1,4 +1,5 @@
-"""Datasets and loaders of a run, from its config: the splits, the prompts, the transforms."""
+"""Datasets and loaders of a run, from its config: the splits, the prompts, the transforms;
+images without masks for prediction; skipping unreadable files in evaluation and prediction."""
 
 from __future__ import annotations
 
@@ -6,12 +7,13 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torchvision import tv_tensors
 
 from common.errors import CoTexNetError
 from common.io import write_text
 from data_process.layout import split_csv
 from data_process.my_dataset import SegDataset, collate, read_split
-from data_process.registry import get_spec
+from data_process.registry import get_spec, read_image
 from data_process.transforms import eval_transform, train_transform
 from train_utils.config import Config
 
@@ -64,12 +66,41 @@ class SkipUnreadable(Dataset):
             return {"error": str(err)}
 
 
+class ImageFiles(Dataset):
+    """Image files without masks (prediction), resized and normalised exactly as in validation."""
+
+    def __init__(self, paths: list[Path], size: int):
+        self.paths, self.transform = paths, eval_transform(size)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict:
+        image = read_image(self.paths[index])
+        pixels = self.transform(tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1)))
+        return dict(pixel_values=pixels.as_subclass(torch.Tensor), name=str(self.paths[index]),
+                    orig_size=image.shape[:2])
+
+
 def collate_readable(batch: list[dict]) -> dict:
-    """A batch of the readable items (name == [] when none is) plus `errors`, the messages of the others."""
+    """A batch of the readable items (name == [] when none is) plus `errors`, the messages of the others.
+
+    Items of a SegDataset go through its `collate`; those of ImageFiles carry no label to stack."""
     good = [item for item in batch if "error" not in item]
-    out = collate(good) if good else {"name": []}
+    if not good:
+        out = {"name": []}
+    elif "label" in good[0]:
+        out = collate(good)
+    else:
+        out = dict(pixel_values=torch.stack([item["pixel_values"] for item in good]),
+                   name=[item["name"] for item in good], orig_size=[item["orig_size"] for item in good])
     out["errors"] = [item["error"] for item in batch if "error" in item]
     return out
+
+
+def readable_loader(cfg: Config, data) -> DataLoader:
+    """A loader of `data` in which an unreadable file is listed in the batch's `errors`, not raised."""
+    return loader(cfg, SkipUnreadable(data), collate_fn=collate_readable)
 
 
 def report_unreadable(errors: list[str], path: Path) -> None:

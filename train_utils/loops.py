@@ -1,0 +1,180 @@
+"""The training loop: one epoch, evaluation, and `fit`, which runs the epochs until the end,
+early stopping, or a stop request (Ctrl-C or SIGTERM).
+
+Validation metrics are gathered from all processes, so every process takes the same
+early-stopping decision; checkpoints and logs are written by the main process only.
+"""
+
+from __future__ import annotations
+
+import enum
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from model.feature_cache import FeatureCache
+from train_utils import reporting
+from train_utils.config import Config
+from train_utils.early_stopping import EarlyStopping
+from train_utils.inference import labels_at
+from train_utils.metrics import image_metrics, summarize
+from train_utils.run_state import save_best, save_last
+
+
+class Outcome(enum.Enum):
+    """How `fit` ended."""
+
+    FINISHED = "finished"  # all epochs ran
+    EARLY_STOPPED = "early-stopped"
+    INTERRUPTED = "interrupted"  # stopped on request after saving last/: --resume continues it
+
+
+@dataclass
+class Training:
+    """What `fit` trains with (model, optimizer, scheduler and loaders prepared by the accelerator),
+    plus the early-stopping rule and the epoch log, which `run_state.resume` restores."""
+
+    cfg: Config
+    run: Path
+    accelerator: Accelerator
+    model: torch.nn.Module
+    criterion: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    train_loader: object
+    val_loader: object
+    generator: torch.Generator  # the training loader's shuffle
+    class_names: list[str] | None = None
+    stopper: EarlyStopping = field(init=False)
+    log: reporting.EpochLog = field(init=False)
+
+    def __post_init__(self):
+        self.stopper = EarlyStopping(self.cfg.TRAIN.patience, self.cfg.TRAIN.epochs)
+        self.log = reporting.EpochLog(self.run / "log.csv")
+
+
+def train_one_epoch(model, loader, criterion, optimizer, scheduler, accelerator: Accelerator,
+                    epoch: int, print_freq: int) -> dict:
+    """One pass over the training loader; returns the image-weighted mean losses and the last lr."""
+    model.train()
+    sums = torch.zeros(4, device=accelerator.device)  # loss, seg, kl, images
+    bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, disable=not accelerator.is_main_process)
+    for step, batch in enumerate(bar):
+        output = model(batch["pixel_values"], batch["roi_pixel_values"], batch["input_ids"], batch["attention_mask"])
+        losses = criterion(output, batch["label"])
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(losses["loss"])
+        optimizer.step()
+        scheduler.step()
+        n = len(batch["label"])
+        sums += torch.stack([losses["loss"].detach() * n, losses["seg"].detach() * n, losses["kl"].detach() * n,
+                             torch.tensor(n, device=sums.device, dtype=sums.dtype)])
+        if step % print_freq == 0:
+            bar.set_postfix(loss=f"{losses['loss'].item():.4f}")
+    sums = accelerator.reduce(sums, "sum")
+    loss, seg, kl = (sums[:3] / sums[3].clamp(min=1)).tolist()
+    return dict(train_loss=loss, train_seg=seg, train_kl=kl, lr=optimizer.param_groups[0]["lr"])
+
+
+@torch.no_grad()
+def evaluate(model, loader, accelerator: Accelerator, num_classes: int, class_names=None,
+             cache: FeatureCache | None = None, hd95: bool = True, keep: int = 0, desc: str = "eval"):
+    """Metrics of every image of `loader` on the evaluation path (images only, no text), at the
+    size of its labels (the training input size).
+
+    `cache`: frozen ViT features by image file, reused on later calls (validation every epoch);
+    valid because the eval transform is deterministic and CLIP is frozen.
+    `keep`: return the first `keep` (image, truth, prediction) of the main process for overlays.
+    Returns (rows, summary, kept); rows hold one dict per image (with its name), from all processes.
+    """
+    core = accelerator.unwrap_model(model)
+    core.eval()
+    rows, kept = [], []
+    bar = tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_main_process)
+    for batch in bar:
+        pixels, labels = batch["pixel_values"], batch["label"]
+        if cache is None:
+            with accelerator.autocast():
+                output = core(pixels)
+        else:
+            # The cache runs the encoder in float32 and stores float16: outside autocast, whose
+            # CPU variant rejects float16 tensors.
+            features = cache.features(core, pixels, [loader.dataset.folder / "images" / n for n in batch["name"]])
+            with accelerator.autocast():
+                output = core.forward_features(features)
+        pred = torch.stack(labels_at(output.logits, [labels.shape[-2:]] * len(labels)))
+        batch_rows = [dict(name=name, **m) for name, m in
+                      zip(batch["name"], image_metrics(pred, labels, num_classes, class_names, hd95=hd95), strict=True)]
+        # Gathered per batch: accelerate then drops the samples it repeated to even out the last batch.
+        rows += accelerator.gather_for_metrics(batch_rows, use_gather_object=True)
+        for j in range(min(keep - len(kept), len(pixels))):
+            kept.append((reporting.denormalize(pixels[j]), labels[j].cpu().numpy(), pred[j].cpu().numpy()))
+    return rows, summarize(rows), kept
+
+
+class StopOnRequest:
+    """First Ctrl-C or SIGTERM: finish the epoch, save last/, stop (resuming is then exact).
+    A second one: quit now."""
+
+    SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+    requested = False
+
+    def __enter__(self):
+        self.previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{self.SIGNALS[signum]}: finishing this epoch and saving last/ "
+              f"({self.SIGNALS[signum]} again to quit at once)", flush=True)
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+def fit(training: Training, start_epoch: int = 0) -> Outcome:
+    """Train the epochs after `start_epoch` (0: a new run; else what `run_state.resume` returned)."""
+    tr, t = training, training.cfg.TRAIN
+    accelerator, stopper, main = tr.accelerator, tr.stopper, tr.accelerator.is_main_process
+    cache = FeatureCache(accelerator.unwrap_model(tr.model), t.input_size, folder=tr.run / "feature_cache",
+                         memory_mb=t.feature_cache_mb)
+    with StopOnRequest() as stop:
+        for epoch in range(start_epoch + 1, t.epochs + 1):
+            if stopper.should_stop:
+                break
+            began = time.time()
+            row = dict(epoch=epoch, **train_one_epoch(tr.model, tr.train_loader, tr.criterion, tr.optimizer,
+                                                       tr.scheduler, accelerator, epoch, t.print_freq))
+            _, val, kept = evaluate(tr.model, tr.val_loader, accelerator, tr.cfg.DATASET.num_classes, tr.class_names,
+                                    cache, hd95=False, keep=t.num_overlays, desc=f"epoch {epoch} val")
+            improved = stopper.update(epoch, val["dice"])
+            row.update(val_dice=val["dice"], val_iou=val["iou"], best_dice=stopper.best, time_s=time.time() - began)
+            if main:
+                if improved and t.save_best:
+                    save_best(tr.run, tr.model, accelerator, epoch, val["dice"])
+                    for k, (image, truth, pred) in enumerate(kept):
+                        reporting.write_overlay(tr.run / "overlays" / f"epoch{epoch:04d}_{k}.png", image, truth, pred)
+                tr.log.append(row)
+                tr.log.plot(tr.run / "curves.png")
+                save_last(tr.run, tr.model, tr.optimizer, tr.scheduler, accelerator, stopper, epoch, tr.generator)
+                print(f"epoch {epoch}/{t.epochs}  loss {row['train_loss']:.4f}  val Dice {val['dice']:.4f}  "
+                      f"IoU {val['iou']:.4f}  best {stopper.best:.4f} (epoch {stopper.best_epoch})  "
+                      f"{row['time_s']:.1f}s", flush=True)
+            accelerator.wait_for_everyone()
+            # Every process must agree to stop, or the others would wait for it forever.
+            flag = torch.tensor(float(stop.requested), device=accelerator.device)
+            if accelerator.reduce(flag, "sum").item() > 0:
+                return Outcome.INTERRUPTED
+    if stopper.should_stop:
+        if main:
+            print(f"early stop: no better validation Dice for {t.patience} epochs after epoch {stopper.grace}")
+        return Outcome.EARLY_STOPPED
+    return Outcome.FINISHED

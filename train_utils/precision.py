@@ -1,0 +1,35 @@
+"""Which precision a run computes in, and the `accelerate` Accelerator that applies it.
+
+Runs use `accelerate` in every case: single process without its launcher (CPU or one GPU),
+DDP with `accelerate launch --num_processes N train.py ...`.
+"""
+
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+
+from common.errors import CoTexNetError
+from train_utils.config import Config
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX-512 BF16 or AMX. Without them oneDNN emulates bf16 and the frozen ViT runs ~6x slower
+    than in float32 (tools/bench.py --dtype bf16)."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    """bf16 autocast where the hardware has it (recent GPUs, CPUs with AVX-512 BF16 or AMX),
+    fp16 with a grad scaler on older GPUs, float32 elsewhere."""
+    t = cfg.TRAIN
+    if t.device == "cuda" and not torch.cuda.is_available():
+        raise CoTexNetError("TRAIN.device: cuda requested but no GPU is visible; set TRAIN.device=cpu or auto")
+    on_gpu = torch.cuda.is_available() and t.device != "cpu"
+    if not t.amp or not (on_gpu or cpu_has_native_bf16()):
+        precision = "no"
+    else:
+        precision = "fp16" if on_gpu and not torch.cuda.is_bf16_supported() else "bf16"
+    if t.cpu_threads:
+        torch.set_num_threads(t.cpu_threads)
+    return Accelerator(cpu=not on_gpu, mixed_precision=precision)
