@@ -53,6 +53,8 @@ def run_folder(cfg, resume: str | None) -> Path:
         return Path(resume)
     t = cfg.TRAIN
     run = Path(t.run_dir) / (t.run_name or f"{cfg.DATASET.dataset_name}_{time.strftime('%Y%m%d-%H%M%S')}")
+    if run.exists() and not run.is_dir():
+        raise CoTexNetError(f"{run}: exists and is a file, not a run folder; choose another TRAIN.run_name")
     if run.exists() and any(run.iterdir()):
         raise CoTexNetError(f"{run}: exists and is not empty; choose another TRAIN.run_name, or --resume {run}")
     return run
@@ -92,16 +94,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.resume and args.overrides:
         raise CoTexNetError("--resume continues a run with its saved config; overrides are not allowed")
     cfg = run_state.run_config(args.resume) if args.resume else load_config(args.config, args.overrides)
-    # Checked before the run folder is made: a wrong setting leaves nothing behind.
+    # Everything is checked before the run folder is written: a wrong setting leaves nothing behind.
     spec = data.spec(cfg)
     check_num_classes(cfg, spec)
     tokenizer = load_tokenizer(cfg.MODEL.clipseg_hf_api)
     run = run_folder(cfg, args.resume)
     accelerator = make_accelerator(cfg)
     main_process = accelerator.is_main_process
-    if main_process:
-        print(cfg.to_yaml())
-        write_text(run / "config.yaml", cfg.to_yaml())
     set_seed(cfg.TRAIN.random_seed)  # the same on every process: they draw the same shuffles
 
     # Data: the training split carries the text prompts; validation and test are images only.
@@ -123,6 +122,9 @@ def main(argv: list[str] | None = None) -> None:
     training = Training(cfg, run, accelerator, model, criterion, optimizer, scheduler, train_loader, val_loader,
                         generator, names)
     start_epoch = run_state.resume(training) if args.resume else 0
+    if main_process:  # the run folder's first write, once every input has been read and checked
+        print(cfg.to_yaml())
+        write_text(run / "config.yaml", cfg.to_yaml())
 
     if fit(training, start_epoch) is Outcome.INTERRUPTED:
         if main_process:

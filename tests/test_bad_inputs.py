@@ -360,7 +360,7 @@ TEXT_ARGS = "--dataset-name synthetic --dataset-path {ws}/ds --describer geometr
 LLAVA_ARGS = ("--dataset-name synthetic --dataset-path {ws}/ds --describer llava --model-path {llava} "
               "--no-constrain --max-retries 2 --out {ws}/out.csv")
 TRAIN_ARGS = "--config {ws}/config.yaml"
-NO_RUN = ("runs/r/last", "runs/r/best", "runs/r/metrics.json")
+NO_RUN = ("runs/r/config.yaml", "runs/r/last", "runs/r/best", "runs/r/metrics.json")
 M1 = "masks/syn_0001.jpg"
 
 CASES = [
@@ -517,6 +517,8 @@ CASES = [
          ("DATASET.num_classes",), NO_RUN),
     Case("run_dir_under_a_file", both(config("TRAIN.run_dir={ws}/afile/runs"), files(afile="x")), "train.py",
          TRAIN_ARGS, 2, ("{ws}/afile/runs/r: cannot write here",)),
+    Case("run_name_is_a_file", both(config("TRAIN.run_name=x"), files(**{"runs/x": "not a folder"})), "train.py",
+         TRAIN_ARGS, 2, ("{ws}/runs/x: exists and is a file, not a run folder",)),
     Case("debug_shows_the_traceback", config("TRAIN.batch_size=0"), "train.py", TRAIN_ARGS + " --debug", 1,
          ("Traceback", "CoTexNetError: TRAIN.batch_size: 0 must be >= 1")),
     # stage 3: split CSVs -----------------------------------------------------------------------
