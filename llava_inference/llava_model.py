@@ -5,6 +5,10 @@ as llava-hf/llava-1.5-13b-hf); the original liuhaotian folders are converted onc
 convert_llava.py. On GPU the weights are fp16/bf16, spread over every visible GPU by accelerate
 (`device_map="auto"`); on CPU (tiny test models) float32.
 
+The input is the paper's: each ROI padded to a square with the processor's mean colour before the
+processor resizes it (LLaVA-1.5's `image_aspect_ratio: pad`), the paper's question verbatim in
+the LLaVA v1 conversation, tokenised as the original (`legacy=True`).
+
 Constrained decoding (default): xgrammar masks the logits so that the answer is one JSON object
 with the five keys, `number` a bounded integer and the other four from the vocabularies: every
 answer parses on the first try. Unconstrained (`constrain=False`): the paper's free sampling,
