@@ -149,8 +149,11 @@ def _original_config(src: Path) -> dict:
     config_file = src / "config.json"
     if not config_file.is_file():
         raise CoTexNetError(f"{src}: no config.json")
-    original = json.loads(config_file.read_text())
-    if "mm_vision_tower" not in original:
+    try:
+        original = json.loads(config_file.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as err:
+        raise CoTexNetError(f"{config_file}: not a readable JSON config ({err})") from err
+    if not isinstance(original, dict) or "mm_vision_tower" not in original:
         raise CoTexNetError(f"{config_file}: no mm_vision_tower: not an original LLaVA folder")
     # The original builds a plain Linear when the field is absent.
     projector = original.get("mm_projector_type", "linear")
@@ -181,7 +184,7 @@ def convert(src: Path, vision_tower: Path, out: Path) -> Path:
     if unmapped:
         raise CoTexNetError(f"{src}: {len(unmapped)} weights with no conversion rule: {', '.join(unmapped[:8])}"
                             f"{' ...' if len(unmapped) > 8 else ''}")
-    own_tower = any((rename(k) or "").startswith(TOWER) for k in keys)
+    own_tower = any((rename(k, RULES) or "").startswith(TOWER) for k in keys)
     tmp = out.parent / f".{out.name}.converting"
     shutil.rmtree(tmp, ignore_errors=True)  # what a stopped conversion left
     try:

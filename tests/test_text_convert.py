@@ -72,9 +72,13 @@ def check_against_original(folder, original) -> None:
 
 
 def test_converted_folder_computes_what_the_original_computes(original, converted):
-    from transformers import AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import AutoImageProcessor, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
 
     check_against_original(converted, original)
+    # the folder on its own pads too (do_pad), for users who do not go through the describer
+    processor = AutoImageProcessor.from_pretrained(converted, backend="pil")
+    torch.testing.assert_close(processor(ROI, return_tensors="pt")["pixel_values"], reference_pixels(ROI),
+                               atol=1e-6, rtol=0)
     _, info = LlavaForConditionalGeneration.from_pretrained(converted, output_loading_info=True)
     assert not any(info.values()), info
     # the added tokens as llava-hf has them: <image> = V, <pad> = V + 1, pad id also at the top level
