@@ -104,7 +104,7 @@ class LlavaDescriber:
         check_model_folder(path)
         torch.manual_seed(seed)
         # PIL resampling as the original's CLIPImageProcessor; legacy tokenisation as the original's
-        # (the text after <image> starts with the sentencepiece space; llava-hf folders say legacy=false).
+        # whatever the folder's tokenizer_config says (the text after <image> keeps its sentencepiece space).
         self.processor = AutoProcessor.from_pretrained(path, backend="pil", legacy=True)
         # Batched generation appends new tokens on the right: prompts must end at the same column.
         self.processor.tokenizer.padding_side = "left"

@@ -94,7 +94,7 @@ def test_converted_folder_computes_what_the_original_computes(original, converte
 
 
 def test_describer_keeps_the_original_ids_when_a_folder_says_legacy_false(original, converted, tmp_path):
-    # llava-hf/llava-1.5-13b-hf's tokenizer_config says legacy=false: the text after <image> would lose its space.
+    # A tokenizer_config with legacy=false: the text after <image> would lose its sentencepiece space.
     folder = shutil.copytree(converted, tmp_path / "legacy-false")
     config = json.loads((folder / "tokenizer_config.json").read_text())
     (folder / "tokenizer_config.json").write_text(json.dumps({**config, "legacy": False}))
