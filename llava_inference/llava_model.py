@@ -5,6 +5,10 @@ as llava-hf/llava-1.5-13b-hf); the original liuhaotian folders are converted onc
 convert_llava.py. On GPU the weights are fp16/bf16, spread over every visible GPU by accelerate
 (`device_map="auto"`); on CPU (tiny test models) float32.
 
+The input is the paper's: each ROI padded to a square with the processor's mean colour before the
+processor resizes it (LLaVA-1.5's `image_aspect_ratio: pad`), the paper's question verbatim in
+the LLaVA v1 conversation, tokenised as the original (`legacy=True`).
+
 Constrained decoding (default): xgrammar masks the logits so that the answer is one JSON object
 with the five keys, `number` a bounded integer and the other four from the vocabularies: every
 answer parses on the first try. Unconstrained (`constrain=False`): the paper's free sampling,
@@ -21,7 +25,6 @@ import torch
 
 from common.errors import CoTexNetError
 from llava_inference.attributes import AnswerError, Attributes, json_schema, parse_answer
-from llava_inference.text_to_csv import plural
 
 # The LLaVA v1 conversation the paper queried with: system line, "USER: <image>\n...", "ASSISTANT:".
 SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
@@ -37,12 +40,24 @@ CHAT_TEMPLATE = (
 
 
 def question(keyword: str) -> str:
-    """The paper's question: the keyword in the plural, one JSON message, exactly five keys."""
-    many = plural(keyword)
-    return (f"This image shows {many}. Describe the {many} in one JSON message with exactly the keys "
-            f"number, location, shape, size and color: number is how many {many} there are, location is "
-            f"the approximate location of the region in the image in words, shape, size and color are "
-            f"words. Give one description only.")
+    """The paper's question, word for word (the keyword + "s", as the paper's code writes it)."""
+    return ("The image shows the " + keyword + "s. "
+            "Please provide a single JSON format message containing a general description of the area information "
+            "(only one result is needed). Use the following format: {'number': xxx, 'location': xxx, 'shape': xxx, "
+            "'size': xxx, 'color': xxx}. Note: Use words in the 'location' item to describe the approximate location "
+            "of the region in the image. Only one description should be provided.")
+
+
+def pad_to_square(image: np.ndarray, mean) -> np.ndarray:
+    """The ROI (H, W, 3) centred on a square of the processor's mean colour, as LLaVA-1.5 does
+    (`image_aspect_ratio: pad`) before its resize to 336: nothing is cropped away."""
+    height, width = image.shape[:2]
+    side = max(height, width)
+    square = np.empty((side, side, image.shape[2]), image.dtype)
+    square[:] = [int(m * 255) for m in mean]  # the original truncates the colour to integers
+    top, left = (side - height) // 2, (side - width) // 2
+    square[top:top + height, left:left + width] = image
+    return square
 
 
 def check_model_folder(path: Path) -> None:
@@ -88,7 +103,9 @@ class LlavaDescriber:
         path = Path(model_path)
         check_model_folder(path)
         torch.manual_seed(seed)
-        self.processor = AutoProcessor.from_pretrained(path)
+        # PIL resampling as the original's CLIPImageProcessor; legacy tokenisation as the original's
+        # whatever the folder's tokenizer_config says (the text after <image> keeps its sentencepiece space).
+        self.processor = AutoProcessor.from_pretrained(path, backend="pil", legacy=True)
         # Batched generation appends new tokens on the right: prompts must end at the same column.
         self.processor.tokenizer.padding_side = "left"
         placement = {}
@@ -121,12 +138,19 @@ class LlavaDescriber:
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question(keyword)}]}]
         return self.processor.apply_chat_template(conversation, chat_template=CHAT_TEMPLATE, add_generation_prompt=True)
 
+    def inputs(self, images: list[np.ndarray], keywords: list[str]):
+        """The model's inputs for RGB ROI images: each padded to a square, then the folder's processor."""
+        mean = self.processor.image_processor.image_mean
+        inputs = self.processor(images=[pad_to_square(image, mean) for image in images],
+                                text=[self.prompt(k) for k in keywords], padding=True,
+                                return_tensors="pt").to(self.model.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        return inputs
+
     @torch.inference_mode()
     def generate(self, images: list[np.ndarray], keywords: list[str]) -> list[str]:
         """One answer per (ROI image, keyword), all in one batched generate() call."""
-        inputs = self.processor(images=list(images), text=[self.prompt(k) for k in keywords],
-                                padding=True, return_tensors="pt").to(self.model.device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        inputs = self.inputs(images, keywords)
         processors = []
         if self.grammar is not None:
             import xgrammar as xgr

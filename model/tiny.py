@@ -123,7 +123,7 @@ def save_tiny_llava(out_dir: str | Path, seed: int = 0) -> Path:
     from llava_inference.attributes import VOCABULARIES
     from llava_inference.llava_model import CHAT_TEMPLATE, question
 
-    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+    specials = ["<unk>", "<s>", "</s>", "<image>", "<pad>"]  # <image> before <pad>, as llava-hf
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -144,7 +144,7 @@ def save_tiny_llava(out_dir: str | Path, seed: int = 0) -> Path:
                                 num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
                                 max_position_embeddings=2048, bos_token_id=ids["<s>"], eos_token_id=ids["</s>"],
                                 pad_token_id=ids["<pad>"]),
-        image_token_index=ids["<image>"], image_seq_length=(image_size // patch) ** 2,
+        image_token_index=ids["<image>"], pad_token_id=ids["<pad>"], image_seq_length=(image_size // patch) ** 2,
         vision_feature_layer=-2, vision_feature_select_strategy="default",
     )
     torch.manual_seed(seed)

@@ -2,12 +2,15 @@
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import get_text
 from common.errors import CoTexNetError
-from llava_inference.llava_model import check_model_folder
+from llava_inference.llava_model import LlavaDescriber, check_model_folder
+from tests.llava_original import reference_pixels
 from tests.text_fixtures import *  # noqa: F403 (session fixtures)
 
 
@@ -43,6 +46,21 @@ def test_free_answers_are_retried_then_fall_back(synthetic, tiny_llava, tmp_path
                  "--max-new-tokens", "24", "--batch-size", "50")
     described = table[table["number"] > 0]
     assert (described["source"] == "fallback").all() and (described["tries"] == 2).all()
+
+
+@pytest.mark.parametrize("height, width", [(24, 60), (60, 24)])
+def test_a_non_square_roi_is_padded_to_a_square_not_cropped(tiny_llava, height, width):
+    # llava-hf folders ship a CLIPImageProcessor (resize the short side, centre-crop): the describer pads first.
+    describer = LlavaDescriber(tiny_llava, constrain=False)
+    processor = describer.processor.image_processor
+    assert not getattr(processor, "do_pad", False)
+    roi = np.zeros((height, width, 3), np.uint8)
+    roi[1:12, 1:12] = np.random.default_rng(0).integers(60, 255, (11, 11, 3))  # a region at the corner
+    pixels = describer.inputs([roi], ["polyp area"])["pixel_values"]
+    expected = reference_pixels(roi, processor.image_mean, processor.image_std, processor.crop_size["height"])
+    torch.testing.assert_close(pixels, expected, atol=1e-6, rtol=0)
+    black = describer.inputs([np.zeros_like(roi)], ["polyp area"])["pixel_values"]
+    assert (pixels - black).abs().amax() > 1  # the region is in the model's input, not cropped away
 
 
 def test_bad_model_folders_are_named(tmp_path, tiny_llava):
