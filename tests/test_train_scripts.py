@@ -297,3 +297,24 @@ def test_resume_of_a_run_killed_in_its_first_epoch(train_setup, tmp_path, capsys
     assert "starting over from epoch 1" in capsys.readouterr().out
     assert list(pd.read_csv(run / "log.csv")["epoch"]) == [1]
     assert (run / "last" / "training_state.pt").is_file() and (run / "metrics.json").is_file()
+
+
+def test_resume_refuses_a_training_split_that_grew(train_setup, tmp_path):  # noqa: F811
+    """The cosine schedule spans epochs x steps of the split the run started with: a resumed run on
+    a larger split would run its lr past the end of the schedule."""
+    splits = tmp_path / "splits"
+    shutil.copytree(train_setup["work"], splits, ignore=shutil.ignore_patterns("runs", "tiny_clipseg"))
+    overrides = [f"DATASET.split_dir={splits}", f"TRAIN.run_dir={tmp_path}", "TRAIN.run_name=grow", "TRAIN.epochs=2",
+                 "TRAIN.num_overlays=0"]
+    run_script("train.py", "--config", train_setup["config"], *overrides)
+    train_csv = splits / "train_data.csv"
+    table = pd.read_csv(train_csv)
+    extra = [n for n in train_setup["names"] if n not in set(table["img_name"])][:4]  # 8 -> 12 images: 3 steps of 4
+    pd.concat([table, pd.DataFrame(dict(dataset="synthetic", img_name=extra, mask_name=extra))]).to_csv(train_csv,
+                                                                                                     index=False)
+    result = run_script("train.py", "--resume", tmp_path / "grow", check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: --resume {tmp_path / 'grow'}: its learning-rate schedule was built for 4 steps, the training split "
+        "now gives 6 (3 per epoch); the split changed since the run started, so the schedule would not end where it "
+        "should: start a new run (or restore the split)")

@@ -114,6 +114,13 @@ def run_config(run: str | Path, checkpoint: str | None = None) -> Config:
     return load_config(run / "config.yaml")
 
 
+def _schedule_lengths(state: dict) -> tuple:
+    """The step counts a scheduler's state was built for (milestones, warm-up and cosine lengths)."""
+    if "_schedulers" in state:  # SequentialLR: warm-up then cosine
+        return (*state["_milestones"], *(n for part in state["_schedulers"] for n in _schedule_lengths(part)))
+    return tuple(state[key] for key in ("total_iters", "T_max") if key in state)
+
+
 def resume(training: Training) -> int:
     """Restore a run from its last/: weights, optimizer, schedule, grad scaler, early stopping,
     every RNG, and the log cut to the epochs last/ holds. Returns the last finished epoch,
@@ -125,6 +132,12 @@ def resume(training: Training) -> int:
             print(f"{run}: no last/ checkpoint (stopped during its first epoch): starting over from "
                   "epoch 1 with its config.yaml")
         return 0
+    built_for, now = _schedule_lengths(state["scheduler"]), _schedule_lengths(training.scheduler.state_dict())
+    if built_for != now:
+        raise CoTexNetError(f"--resume {run}: its learning-rate schedule was built for {built_for[-1]} steps, the "
+                            f"training split now gives {now[-1]} ({len(training.train_loader)} per epoch); the split "
+                            "changed since the run started, so the schedule would not end where it should: start a "
+                            "new run (or restore the split)")
     trained, _ = load_checkpoint(run / "last", num_classes=training.cfg.DATASET.num_classes)
     accelerator.unwrap_model(training.model).load_state_dict(trained.state_dict())
     training.optimizer.load_state_dict(state["optimizer"])
