@@ -133,7 +133,7 @@ def start_output(out: str | Path, settings: dict, overwrite: bool) -> None:
             except OSError as err:
                 raise CoTexNetError(f"{path}: cannot be removed for --overwrite ({err.strerror})") from err
     else:
-        rows = sum(len(_read_complete_rows(path, partial=path != out)) for path in earlier)
+        rows = len({row["roi_name"] for path in earlier for row in _read_complete_rows(path, partial=path != out)})
         recorded = _recorded_settings(record) if rows else settings
         if recorded is None:
             print(f"warning: {out}: {rows} rows of an earlier run are kept, but the options they were made "
