@@ -9,7 +9,9 @@ Describers:
 
 Output: text_file/<dataset>/<dataset>_text_out.csv (the paper's columns + source, tries).
 Results are appended to a .partial CSV as they come: rerunning after a crash or kill skips
-the ROIs already done (--overwrite starts over).
+the ROIs already done (--overwrite removes the earlier CSVs and starts over). The options the
+rows are made with (describer, keywords) are kept in <out stem>.settings.json beside the CSV: a
+rerun with others is refused, so that one CSV never mixes two settings.
 
 One process spreads the model over every visible GPU. Data parallel: `accelerate launch
 --multi_gpu --num_processes N get_text.py ...` (also on CPU-only machines, over gloo)
@@ -53,7 +55,7 @@ def parse_args(argv):
     parser.add_argument("--no-constrain", dest="constrain", action="store_false", help="free sampling as the paper (validated, retried) instead of JSON-grammar decoding")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit (paper: 512)")
     parser.add_argument("--temperature", type=float, default=0.2, help="sampling temperature (paper: 0.2; 0 = greedy)")
-    parser.add_argument("--overwrite", action="store_true", help="ignore results of earlier runs and describe every ROI again")
+    parser.add_argument("--overwrite", action="store_true", help="remove the results of earlier runs and describe every ROI again")
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.max_retries < 1 or args.max_new_tokens < 1:
         parser.error("--batch-size, --max-retries and --max-new-tokens must be at least 1")

@@ -3,10 +3,13 @@
 A `CoTexNetError` is something the user can fix (a missing file, a config typo): the script
 prints its message on one line and exits with status 2. Anything else is a bug and keeps its
 traceback. `--debug` on any script shows the traceback of a `CoTexNetError` too.
+SIGTERM (`kill`, a job scheduler) does what Ctrl-C does, so that a stopped command cleans up
+the same way: temporaries removed, "interrupted", exit status 130.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable
 
@@ -28,10 +31,22 @@ def user_message(err: CoTexNetError) -> str:
     return " ".join(text.split())
 
 
+def _terminate_as_interrupt(signum, frame) -> None:
+    """SIGTERM runs whatever Ctrl-C runs now (train.py's finish-the-epoch handler, or Python's
+    KeyboardInterrupt); where SIGINT is ignored (a background job), it still stops the command."""
+    on_interrupt = signal.getsignal(signal.SIGINT)
+    if callable(on_interrupt):
+        on_interrupt(signal.SIGINT, frame)
+    else:
+        raise KeyboardInterrupt
+
+
 def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
-    """Run a script's `main(argv)`, turning a `CoTexNetError` into one line on stderr and exit 2."""
+    """Run a script's `main(argv)`, turning a `CoTexNetError` into one line on stderr and exit 2,
+    and Ctrl-C or SIGTERM into "interrupted" and exit 130."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
+    previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     try:
         main([a for a in args if a != "--debug"])
     except CoTexNetError as err:
@@ -42,3 +57,5 @@ def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None =
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

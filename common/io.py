@@ -31,7 +31,7 @@ def not_utf8(path, err: UnicodeDecodeError, fix: str = "save it as UTF-8") -> Co
 
 # atomic_path's temporary names, ".<name>.<8 random characters>.tmp<suffix>": what a killed
 # command can leave, and only that, is cleaned by `remove_stale_temporaries`.
-_TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp(\.[^./]+)?")
+_TEMPORARY = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.tmp(\.[^./]+)?")
 
 
 @contextlib.contextmanager
@@ -43,10 +43,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
     except OSError as err:
         raise CoTexNetError(f"{path.parent}: cannot write here ({err.strerror})") from err
-    os.close(fd)
     tmp = Path(tmp)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs should be as readable as any file
     try:
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs should be as readable as any file
         yield tmp
         os.replace(tmp, path)
     except OSError as err:
@@ -57,13 +57,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def remove_stale_temporaries(folder: str | os.PathLike) -> int:
-    """Delete the temporary files of writes that a kill interrupted under `folder`; returns how many.
-    Call it only where one command writes at a time (a rerun of the stage that owns the folder)."""
+def remove_stale_temporaries(folder: str | os.PathLike, names: Iterable[str] | None = None) -> int:
+    """Delete the temporary files of writes that a kill interrupted under `folder` (with `names`:
+    only those of these file names, directly in `folder`); returns how many. Call it only where
+    one command writes at a time (a rerun of the stage that owns the folder or the names)."""
     folder = Path(folder)
     if not folder.is_dir():
         return 0
-    stale = [path for path in folder.rglob(".*.tmp*") if path.is_file() and _TEMPORARY.fullmatch(path.name)]
+    names = None if names is None else set(names)
+    found = folder.rglob(".*.tmp*") if names is None else folder.glob(".*.tmp*")
+    stale = [path for path in found if path.is_file() and (match := _TEMPORARY.fullmatch(path.name))
+             and (names is None or match.group(1) in names)]
     for path in stale:
         path.unlink(missing_ok=True)
     return len(stale)

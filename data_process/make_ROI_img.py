@@ -25,7 +25,7 @@ from pathlib import Path
 import cv2
 from tqdm import tqdm
 
-from common.errors import run_cli
+from common.errors import CoTexNetError, run_cli
 from common.io import remove_stale_temporaries, write_image
 from data_process import layout
 from data_process.registry import DatasetSpec, category_masks, get_spec, known_datasets, pair_files, read_image
@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> None:
     jobs, skipped = [], 0
     for image, mask in pairing.pairs:
         outputs = roi_paths(dataset / "ROIs", image, spec)
+        for out in outputs:
+            if out.is_dir():  # would pass for a finished ROI, and get_text would find none
+                raise CoTexNetError(f"{out}: a folder where the ROI of {image} goes; move it away; nothing written")
         if not args.overwrite and all(out.exists() for out in outputs):
             skipped += 1
             continue

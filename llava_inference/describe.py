@@ -1,7 +1,8 @@
 """Stage 2's flow: list the ROIs, share them over processes, describe them, write the text CSV.
 
 `run(job)` is the whole stage: check the model folder (before anything is written), list the
-ROIs, skip those an earlier run finished, describe this process's share, append each finished
+ROIs, refuse earlier rows made with another describer or other keywords, skip those an earlier
+run finished, describe this process's share, append each finished
 row to the resumable CSV (text_to_csv.ResultWriter), and on the main process merge the shards
 into the final CSV. The describers are generators of finished rows (`geometry_rows`,
 `model_rows`): they read files and ask the model, and write nothing; `run` writes every row and
@@ -26,7 +27,7 @@ from common.errors import CoTexNetError
 from data_process import layout, registry
 from llava_inference import geometry
 from llava_inference.attributes import Attributes
-from llava_inference.text_to_csv import ResultWriter, empty_row, make_row
+from llava_inference.text_to_csv import ResultWriter, empty_row, make_row, start_output
 
 
 @dataclass(frozen=True)
@@ -173,11 +174,12 @@ def run(job: Job) -> Summary | None:
 
     # cpu=True on CPU-only machines: several processes there then talk over gloo.
     state = PartialState(cpu=not torch.cuda.is_available())
-    items = list_rois(dataset_dir, spec, named.categories or (named.keyword,), job.img_format, job.mask_format)
-    if job.overwrite and state.is_main_process:
-        ResultWriter.discard_partials(out)
+    keywords = named.categories or (named.keyword,)
+    items = list_rois(dataset_dir, spec, keywords, job.img_format, job.mask_format)
+    if state.is_main_process:
+        start_output(out, {"describer": job.describer, "keywords": list(keywords)}, job.overwrite)
     state.wait_for_everyone()
-    writer = ResultWriter(out, shard=f"-{state.process_index}" if state.num_processes > 1 else "", fresh=job.overwrite)
+    writer = ResultWriter(out, shard=f"-{state.process_index}" if state.num_processes > 1 else "")
     # Every process reads the finished ROIs before any writes new ones: all shard the same list.
     state.wait_for_everyone()
     todo = [item for item in items if item.roi_name not in writer.rows]

@@ -12,6 +12,8 @@ An ROI with an empty mask gets number 0, codes -1 and the sentence "no <keyword>
 While a run goes, each result is appended to `<out stem>.partial[-<shard>].csv` and flushed, so
 a killed run loses at most the line being written; a rerun reads the partial files and skips
 those ROIs. The final CSV is written atomically, and only then are the partial files removed.
+`<out stem>.settings.json` beside it records the options the rows were made with (describer,
+keywords): a rerun with other options is refused instead of mixing rows of two settings.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 
 from common.errors import CoTexNetError
-from common.io import atomic_path, not_utf8, read_csv
+from common.io import atomic_path, not_utf8, read_csv, remove_stale_temporaries, write_json
 from data_process import layout
 from llava_inference.attributes import KEYS, AnswerError, Attributes, parse_answer
 
@@ -71,13 +73,27 @@ def _partials(out: Path) -> list[Path]:
     return sorted(out.parent.glob(f"{out.stem}.partial*.csv"))
 
 
+def settings_path(out: Path) -> Path:
+    return out.with_name(f"{out.stem}.settings.json")
+
+
+def _options(settings: dict) -> str:
+    return f"--describer {settings.get('describer')} --keywords '{','.join(settings.get('keywords') or ())}'"
+
+
 def _read_complete_rows(path: Path, partial: bool) -> list[dict]:
     """Rows of one of our CSVs. In a partial CSV a last line cut by a kill is dropped (and cut
     off the file); a final CSV was written whole (atomically), so it is read as it is."""
-    data = path.read_bytes()
-    if partial and data and not data.endswith(b"\n"):
-        data = data[: data.rfind(b"\n") + 1]
-        path.write_bytes(data)
+    try:
+        data = path.read_bytes()
+        if partial and data and not data.endswith(b"\n"):
+            data = data[: data.rfind(b"\n") + 1]
+            path.write_bytes(data)
+    except IsADirectoryError as err:
+        raise CoTexNetError(f"{path}: a folder, not a CSV file; move it away or pass another --out") from err
+    except OSError as err:
+        raise CoTexNetError(f"{path}: cannot be {'rewritten' if partial else 'read'} ({err.strerror}); "
+                            "check its permissions, or move it away and rerun") from err
     try:
         text = data.decode("utf-8-sig")  # a spreadsheet's byte-order mark is not part of the first column
     except UnicodeDecodeError as err:
@@ -89,17 +105,52 @@ def _read_complete_rows(path: Path, partial: bool) -> list[dict]:
     return [row for row in reader if None not in row.values()]
 
 
+def _recorded_settings(path: Path) -> dict | None:
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:  # ValueError: not JSON, or not UTF-8
+        raise CoTexNetError(f"{path}: unreadable record of the earlier run's options ({err}); rerun with "
+                            "--overwrite to describe every ROI again") from err
+    return recorded if isinstance(recorded, dict) else {}
+
+
+def start_output(out: str | Path, settings: dict, overwrite: bool) -> None:
+    """Before the first row (main process only): remove what a killed write of this CSV left;
+    with `overwrite` remove the earlier final and partial CSVs, else refuse their rows if they were
+    made with other `settings`; then record `settings` beside the CSV."""
+    out = Path(out)
+    record = settings_path(out)
+    if out.is_dir():
+        raise CoTexNetError(f"{out}: a folder, not a CSV file; move it away or pass another --out")
+    remove_stale_temporaries(out.parent, (out.name, record.name))
+    earlier = ([out] if out.exists() else []) + _partials(out)
+    if overwrite:
+        for path in earlier:
+            try:
+                path.unlink()
+            except OSError as err:
+                raise CoTexNetError(f"{path}: cannot be removed for --overwrite ({err.strerror})") from err
+    else:
+        rows = len({row["roi_name"] for path in earlier for row in _read_complete_rows(path, partial=path != out)})
+        recorded = _recorded_settings(record) if rows else settings
+        if recorded is None:
+            print(f"warning: {out}: {rows} rows of an earlier run are kept, but the options they were made "
+                  f"with are not recorded (now {_options(settings)}); --overwrite redoes them", file=sys.stderr)
+        elif {key: recorded.get(key) for key in settings} != settings:
+            raise CoTexNetError(f"{out}: its {rows} earlier rows were made with {_options(recorded)}, this run asks "
+                                f"for {_options(settings)}; rerun with --overwrite to describe every ROI again, "
+                                "or with the earlier options to continue")
+    write_json(record, settings)
+
+
 class ResultWriter:
-    """Appends finished rows to a partial CSV, knows which ROIs are done, writes the final CSV.
+    """Appends finished rows to a partial CSV, knows which ROIs are done, writes the final CSV."""
 
-    `fresh`: ignore an existing final CSV (its rows are redone); partial files of an earlier run
-    are removed by `discard_partials` first.
-    """
-
-    def __init__(self, out: str | Path, shard: str = "", fresh: bool = False):
+    def __init__(self, out: str | Path, shard: str = ""):
         self.out = Path(out)
         self.partial = _partial_path(self.out, shard)
-        self.fresh = fresh
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -123,7 +174,7 @@ class ResultWriter:
     def _finished_rows(self) -> dict[str, dict]:
         rows = {}
         # A finished earlier run counts as done too; partial rows are newer, so they win.
-        if self.out.exists() and not self.fresh:
+        if self.out.exists():
             rows.update({row["roi_name"]: row for row in _read_complete_rows(self.out, partial=False)})
         for path in _partials(self.out):
             rows.update({row["roi_name"]: row for row in _read_complete_rows(path, partial=True)})

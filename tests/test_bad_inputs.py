@@ -179,6 +179,52 @@ def finished_text_csv(bom: bool = False):
     return setup
 
 
+def stopped_text_run(extra: str, after: int):
+    """get_text on ws/ds (geometry, ws/out.csv) with `extra` options, stopped by Ctrl-C once `after`
+    ROIs are described."""
+    def setup(ws: Path, b) -> None:
+        import get_text
+        from llava_inference import geometry
+
+        describe, left = geometry.describe, [after]
+
+        def stops(*args, **kwargs):
+            if not left[0]:
+                raise KeyboardInterrupt
+            left[0] -= 1
+            return describe(*args, **kwargs)
+
+        geometry.describe = stops
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                get_text.main(shlex.split(TEXT_ARGS.format(ws=ws) + extra))
+        finally:
+            geometry.describe = describe
+    return setup
+
+
+def killed_text_run(keep: int):
+    """ws/out.csv turned into what a kill leaves: the partial CSV with `keep` rows and half the next."""
+    def setup(ws: Path, b) -> None:
+        lines = (ws / "out.csv").read_bytes().splitlines(keepends=True)
+        (ws / "out.partial.csv").write_bytes(b"".join(lines[:keep + 1]) + lines[keep + 1][:30])
+        (ws / "out.csv").unlink()
+    return setup
+
+
+def folder(rel: str):
+    return lambda ws, b: (ws / rel).mkdir(parents=True)
+
+
+def into_sub_folder(name: str, sub: str):
+    """Image, mask and ROI `name` of the binary dataset moved into `sub`/ of their folders."""
+    def mutate(root: Path) -> None:
+        for kind in ("images", "masks", "ROIs"):
+            (root / kind / sub).mkdir()
+            (root / kind / name).rename(root / kind / sub / name)
+    return mutate
+
+
 def write_csv(rows, columns=("dataset", "img_name", "mask_name")):
     return lambda path: pd.DataFrame(rows, columns=list(columns)).to_csv(path, index=False)
 
@@ -317,6 +363,13 @@ def empty_roi_sentence(ws: Path, result: dict) -> None:
     assert row["number"] == 0 and row["text_prompt"] == "no polyp areas in the image."
 
 
+def prompts_name(keyword: str):
+    def check(ws: Path, result: dict) -> None:
+        prompts = pd.read_csv(ws / "out.csv")["text_prompt"]
+        assert len(prompts) == 4 and all(keyword in p and "polyp" not in p for p in prompts), list(prompts)
+    return check
+
+
 def run_finished(ws: Path, result: dict) -> None:
     run = ws / "runs" / "r"
     assert (run / "metrics.json").is_file() and list(pd.read_csv(run / "log.csv")["epoch"]) == [1]
@@ -410,6 +463,12 @@ CASES = [
          check=one_roi_per_category),
     Case("roi_label_map_bad_value", dataset(rewrite_mask("masks/syn_0001.png", lambda m: m + 7), src="mc"), ROI, "--dataset-name synthetic_multiclass --dataset-path {ws}/ds --workers 1", 2,
          ("{ws}/ds/masks/syn_0001.png: label map has values", "expected 0..2"), ("ds/ROIs/syn_0001__*",)),
+    Case("roi_rerun_cleans_a_killed_write_in_a_sub_folder", both(dataset(into_sub_folder("syn_0001.jpg", "sub"), rois=True),
+                                                                files(**{"ds/ROIs/sub/.syn_0001.jpg.a1b2c3d4.tmp.jpg": b"half"})),
+         ROI, ROI_ARGS, 0, ("0 images done, 4 skipped",)),
+    Case("roi_folder_in_place_of_an_roi", dataset(lambda d: [(d / "ROIs/syn_0001.jpg").unlink(),
+                                                             (d / "ROIs/syn_0001.jpg").mkdir()], rois=True),
+         ROI, ROI_ARGS, 2, ("{ws}/ds/ROIs/syn_0001.jpg: a folder where the ROI of syn_0001.jpg goes", "nothing written")),
     # stage 1: splits ---------------------------------------------------------------------------
     Case("splits_no_masks", dataset(lambda d: [p.unlink() for p in (d / "masks").iterdir()]), SPLITS,
          "--dataset-name synthetic --dataset-path {ws}/ds --out-dir {ws}/out", 2,
@@ -492,6 +551,38 @@ CASES = [
     Case("llava_answer_bad_then_good", dataset(rois=True), "get_text.py",
          LLAVA_ARGS.replace("--max-retries 2", "--max-retries 3 --batch-size 1"), 0, ("fallbacks to geometry: 0",),
          ("out.partial*",), check=text_rows("llava", 2), answers=["```json\n{'number': }\n```", VALID]),
+    # stage 2: reruns of get_text -----------------------------------------------------------------
+    Case("text_out_is_a_folder", both(dataset(rois=True), folder("x.csv")), "get_text.py",
+         TEXT_ARGS.replace("out.csv", "x.csv"), 2, ("{ws}/x.csv: a folder, not a CSV file",)),
+    Case("text_partial_csv_is_a_folder", both(dataset(rois=True), folder("out.partial.csv")), "get_text.py", TEXT_ARGS,
+         2, ("{ws}/out.partial.csv: a folder, not a CSV file",), ("out.csv",)),
+    Case("text_settings_record_damaged", both(dataset(rois=True), finished_text_csv(), files(out__settings__json="{")),
+         "get_text.py", TEXT_ARGS, 2, ("{ws}/out.settings.json: unreadable record of the earlier run's options",
+                                       "--overwrite"), ("out.partial*",)),
+    Case("text_rerun_cleans_a_killed_final_write", both(dataset(rois=True), files(**{
+        ".out.csv.k3j4h5g6.tmp.csv": "roi_name,te", ".out.settings.json.a1b2c3d4.tmp.json": "{"})), "get_text.py",
+         TEXT_ARGS, 0, ("4 rows (0 from earlier runs)",), check=text_rows()),
+    Case("text_rerun_after_a_kill_mid_line", both(dataset(rois=True), finished_text_csv(), killed_text_run(1)),
+         "get_text.py", TEXT_ARGS, 0, ("4 rows (1 from earlier runs)",), ("out.partial*",), check=text_rows()),
+    Case("text_rerun_after_a_stopped_overwrite", both(dataset(rois=True), finished_text_csv(),
+                                                      stopped_text_run(" --keywords lesion --overwrite", 2)),
+         "get_text.py", TEXT_ARGS + " --keywords lesion", 0, ("4 rows (2 from earlier runs)",),
+         ("out.partial*",), check=prompts_name("lesion")),
+    Case("text_rerun_with_other_keywords", both(dataset(rois=True), finished_text_csv()), "get_text.py",
+         TEXT_ARGS + " --keywords lesion", 2,
+         ("{ws}/out.csv: its 4 earlier rows were made with --describer geometry --keywords 'polyp area', this run "
+          "asks for --describer geometry --keywords 'lesion'; rerun with --overwrite",), ("out.partial*",)),
+    Case("text_rerun_with_another_describer", both(dataset(rois=True), finished_text_csv()), "get_text.py", LLAVA_ARGS,
+         2, ("made with --describer geometry", "asks for --describer llava", "--overwrite"), ("out.partial*",),
+         answers=[VALID]),
+    Case("text_rerun_with_the_default_keyword_spelled_out", both(dataset(rois=True), finished_text_csv()),
+         "get_text.py", TEXT_ARGS + " --keywords 'polyp area'", 0, ("4 rows (4 from earlier runs)",), check=text_rows()),
+    Case("text_rerun_on_rows_of_unrecorded_options", both(dataset(rois=True), finished_text_csv(),
+                                                          lambda ws, b: (ws / "out.settings.json").unlink(missing_ok=True)),
+         "get_text.py", TEXT_ARGS, 0, ("warning: {ws}/out.csv: 4 rows of an earlier run are kept, but the options they "
+                                       "were made with are not recorded", "--overwrite redoes them"), check=text_rows()),
+    Case("text_overwrite_with_other_keywords", both(dataset(rois=True), finished_text_csv()), "get_text.py",
+         TEXT_ARGS + " --keywords lesion --overwrite", 0, ("4 rows (0 from earlier runs)",), check=prompts_name("lesion")),
     # stage 3: configs --------------------------------------------------------------------------
     Case("config_missing", lambda ws, b: None, "train.py", TRAIN_ARGS, 2,
          ("{ws}/config.yaml: cannot read the config",), NO_RUN),

@@ -221,3 +221,50 @@ def test_geometry_on_real_kvasir_sample(tmp_path):
     table = _run(folder, tmp_path / "kvasir_text_out.csv", "--describer", "geometry")
     assert list(table.columns[: len(PAPER_COLUMNS)]) == list(PAPER_COLUMNS) and len(table) == 12
     assert (table["number"] >= 1).all() and table["text_prompt"].str.contains("polyp area").all()
+
+
+def test_a_partial_csv_that_cannot_be_rewritten_is_one_line(synthetic, tmp_path, monkeypatch, capsys):
+    """A rerun must cut the line a kill left half-written; where the partial CSV is read-only
+    that is one line naming it (exit 2), and the file is left as it was."""
+    import errno
+    import os
+
+    from common.errors import run_cli
+
+    out = tmp_path / "text.csv"
+    _run(synthetic, out, "--describer", "geometry")
+    lines = out.read_bytes().splitlines(keepends=True)
+    out.unlink()
+    partial = tmp_path / "text.partial.csv"
+    partial.write_bytes(b"".join(lines[:3]) + lines[3][:25])
+    if os.geteuid() == 0:  # root may write a read-only file: refuse the write as the kernel does for a user
+        write_bytes = Path.write_bytes
+
+        def read_only(self, data):
+            if self == partial:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+            return write_bytes(self, data)
+
+        monkeypatch.setattr(Path, "write_bytes", read_only)
+    else:
+        partial.chmod(0o444)
+    before = partial.read_bytes()
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(get_text.main, ["--dataset-name", "synthetic", "--dataset-path", str(synthetic), "--out", str(out),
+                                "--describer", "geometry"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {partial}: cannot be rewritten (Permission denied); check its permissions, or move it away and rerun")
+    assert partial.read_bytes() == before and not out.exists()
+
+
+def test_a_rerun_removes_only_the_temporaries_of_its_own_csv(tmp_path):
+    from common.io import remove_stale_temporaries
+
+    own = [tmp_path / ".text.csv.k3j4h5g6.tmp.csv", tmp_path / ".text.settings.json.a1b2_3d4.tmp.json"]
+    others = [tmp_path / ".other.csv.k3j4h5g6.tmp.csv", tmp_path / ".text.csv.tmp.csv", tmp_path / "sub" / own[0].name]
+    for path in own + others:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("half")
+    assert remove_stale_temporaries(tmp_path, ("text.csv", "text.settings.json")) == 2
+    assert [p.exists() for p in own + others] == [False, False, True, True, True]
