@@ -10,9 +10,10 @@ against the image's pseudo text I (lower is closer).
 
 The full dictionary has 3 x 9 x 8 x 3 x 11 = 7128 sentences, and the ROI token differs per
 image, so the search is coordinate-wise: from a start sentence, each attribute in turn takes
-its best word with the others fixed, sweeping until no attribute changes (about 34 text
-encoder passes per sweep and image, usually 2-3 sweeps). The result is never worse than the
-start and no single-attribute change improves it; it need not be the global optimum.
+its best word with the others fixed, cycling until the other four attributes have been
+visited without a change (34 text-encoder passes per image for one full sweep; typically
+50-70 in all). The result is never worse than the start and no single-attribute change
+improves it (unless `max_sweeps` cut the search short); it need not be the global optimum.
 
 An image whose predicted mask is empty gets stage 2's empty row: number 0, no words, no KL.
 """
@@ -37,8 +38,6 @@ from train_utils.metrics import predict_labels
 
 NUMBERS = (1, 2, 3)
 DICTIONARY: dict[str, tuple] = {"number": NUMBERS, **VOCABULARIES}
-# The start of the search: one region, then each vocabulary's first word.
-START = {key: words[0] for key, words in DICTIONARY.items()}
 CSV_COLUMNS = ("name", "sentence", *KEYS, "kl")
 
 
@@ -108,24 +107,26 @@ def _coordinate_search(scorer: _Scorer, count: int, keyword: str, dictionary: di
     current = [dict(start) for _ in range(count)]
     best = [math.inf] * count
     scores = [{} for _ in range(count)]
-    active = list(range(count))
-    for _ in range(max_sweeps):
-        changed = set()
-        for key in KEYS:
-            words = dictionary[key]
-            pairs = [(i, sentence(Attributes(**{**current[i], key: w}), keyword)) for i in active for w in words]
-            kl = scorer(pairs).view(len(active), len(words))
-            for row, i in enumerate(active):
-                scores[i][key] = dict(zip(words, kl[row].tolist(), strict=True))
-                k = int(kl[row].argmin())
-                # Strictly better only: ties and float noise of another batch layout keep the word.
-                if float(kl[row, k]) < best[i]:
-                    if words[k] != current[i][key] and best[i] < math.inf:
-                        changed.add(i)
-                    current[i][key], best[i] = words[k], float(kl[row, k])
-        active = sorted(changed)
+    # Attributes visited since an image's last change: once the other four are visited without
+    # a change, every attribute is optimal given the others and the image is done.
+    unchanged = [-1] * count
+    for step in range(max_sweeps * len(KEYS)):
+        active = [i for i in range(count) if unchanged[i] < len(KEYS) - 1]
         if not active:
             break
+        key = KEYS[step % len(KEYS)]
+        words = dictionary[key]
+        pairs = [(i, sentence(Attributes(**{**current[i], key: w}), keyword)) for i in active for w in words]
+        kl = scorer(pairs).view(len(active), len(words))
+        for row, i in enumerate(active):
+            scores[i][key] = dict(zip(words, kl[row].tolist(), strict=True))
+            k = int(kl[row].argmin())
+            # Strictly better only: ties and float noise of another batch layout keep the word.
+            if float(kl[row, k]) < best[i]:
+                if words[k] != current[i][key] or best[i] == math.inf:
+                    unchanged[i] = -1
+                current[i][key], best[i] = words[k], float(kl[row, k])
+            unchanged[i] += 1
     return [dict(sentence=sentence(Attributes(**c), keyword), **c, kl=b, scores=s)
             for c, b, s in zip(current, best, scores, strict=True)]
 
@@ -143,10 +144,10 @@ def readout(model, tokenizer, images: torch.Tensor, predicted_masks: torch.Tenso
     `images`: (B,3,H,W) normalised as for the model (the evaluation transform); `predicted_masks`:
     (B,H,W), nonzero = predicted region (e.g. `predicted_foreground`); `batch_size`: images
     searched together (a text-encoder call then holds up to 11 x batch_size sentences, 11 colours).
-    `dictionary` / `start`: a sub-dictionary (attribute -> words) and the start words.
-    Returns per image: sentence, number, location, shape, size, color, kl (of the sentence) and
-    scores (attribute -> {word: KL with the other attributes at the result}, from the last
-    sweep that visited the image).
+    `dictionary` / `start`: a sub-dictionary (attribute -> words) and the start words (default:
+    one region, then each vocabulary's first word); `max_sweeps`: at most that many visits of
+    each attribute. Returns per image: sentence, number, location, shape, size, color, kl (of the
+    sentence) and scores (attribute -> {word: KL with the other attributes as in the result}).
     """
     if batch_size < 1:
         raise CoTexNetError(f"batch_size: {batch_size} (need at least 1)")
