@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.train_fixtures import run_script, train_setup  # noqa: F401
+from tests.train_fixtures import REPO, run_script, train_setup  # noqa: F401
 
-sys.path.insert(0, "tools")
+sys.path.insert(0, str(REPO / "tools"))
 from results_table import collect, main  # noqa: E402
 
 
@@ -83,8 +83,6 @@ def test_one_run_has_no_difference_columns(runs):
 
 
 def test_no_run_with_metrics_is_one_line(tmp_path):
-    from tests.train_fixtures import REPO
-
     (tmp_path / "empty").mkdir()
     result = run_script(REPO / "tools" / "results_table.py", tmp_path / "empty", "--out", tmp_path / "r.md", check=False)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "no run folder with metrics" in result.stderr
@@ -93,8 +91,6 @@ def test_no_run_with_metrics_is_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_a_real_tiny_run_and_its_evaluation(train_setup, tmp_path):  # noqa: F811
-    from tests.train_fixtures import REPO
-
     run_script("train.py", "--config", train_setup["config"], "TRAIN.epochs=1", "TRAIN.run_name=table")
     run = train_setup["runs"] / "table"
     run_script("evaluate.py", "--run", run, "--split", "test")
