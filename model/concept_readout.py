@@ -175,27 +175,35 @@ def readout(model, tokenizer, images: torch.Tensor, predicted_masks: torch.Tenso
 
 def agreement(readouts: list[dict], true_masks, images) -> dict:
     """Per attribute, how often the readout names what the geometry describer says of the TRUE
-    mask, beside chance (1 / number of words).
+    mask, beside chance (1 / number of words) and the majority rate (how often the describer's
+    most frequent word occurs: what a readout that always says that word gets).
 
     `true_masks`: HxW arrays (nonzero = region); `images`: HxWx3 uint8 RGB of the same size
     (the describer's colour is the mean inside the mask). The dictionary's number 3 stands for
     3 or more regions. Images whose true mask has no region are left out (`no_region`); an
     empty prediction agrees with nothing.
     """
+    truths = {key: [] for key in KEYS}
     agree = dict.fromkeys(KEYS, 0)
-    counted = no_region = 0
+    no_region = 0
     for found, mask, image in zip(readouts, true_masks, images, strict=True):
         try:
             truth = describe(np.asarray(mask), np.asarray(image))
         except CoTexNetError:
             no_region += 1
             continue
-        counted += 1
         for key in KEYS:
             expected = min(truth.number, NUMBERS[-1]) if key == "number" else getattr(truth, key)
+            truths[key].append(expected)
             agree[key] += found[key] == expected
+    counted = len(truths["number"])
+
+    def rate(hits: int) -> float:
+        return hits / counted if counted else math.nan
+
     return dict(images=counted, no_region=no_region,
-                **{key: dict(agreement=agree[key] / counted if counted else math.nan, chance=1 / len(DICTIONARY[key]))
+                **{key: dict(agreement=rate(agree[key]), chance=1 / len(DICTIONARY[key]),
+                             majority=rate(max(map(truths[key].count, truths[key]), default=0)))
                    for key in KEYS})
 
 

@@ -149,6 +149,16 @@ def test_agreement_counts_per_attribute_beside_chance():
         assert result[key]["agreement"] == pytest.approx(1 / 3)
         assert result[key]["chance"] == pytest.approx(1 / len(DICTIONARY[key]))
     assert result["color"]["chance"] == pytest.approx(1 / 11)
+    assert result["color"]["majority"] == 1.0  # the describer said pink three times out of three
+
+
+def test_majority_rate_is_the_most_frequent_true_word():
+    small, _ = _disc_image(radius=10)  # 2.2 %: small
+    large, image = _disc_image(radius=40)  # 35 %: large
+    readouts = [dict(number=1, location="center", shape="round", size="large", color="pink")] * 3
+    result = agreement(readouts, [small, large, large], [image, image, image])
+    assert result["size"] == dict(agreement=pytest.approx(2 / 3), chance=pytest.approx(1 / 3),
+                                  majority=pytest.approx(2 / 3))
 
 
 def test_agreement_counts_three_or_more_regions_as_three():
