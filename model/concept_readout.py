@@ -65,7 +65,7 @@ class _Scorer:
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         device = _device(model)
         pixel_values = pixel_values.to(device)
-        masks = masks.to(device).bool()
+        masks = torch.as_tensor(masks).to(device).bool()
         if masks.shape != pixel_values.shape[:1] + pixel_values.shape[2:]:
             raise CoTexNetError(f"predicted_masks: shape {tuple(masks.shape)} does not match images "
                                 f"{tuple(pixel_values.shape)} (need B,H,W)")
@@ -153,7 +153,7 @@ def readout(model, tokenizer, images: torch.Tensor, predicted_masks: torch.Tenso
         raise CoTexNetError(f"batch_size: {batch_size} (need at least 1)")
     dictionary = {**DICTIONARY, **(dictionary or {})}
     start = {key: words[0] for key, words in dictionary.items()} | (start or {})
-    predicted_masks = torch.as_tensor(predicted_masks)
+    predicted_masks = torch.as_tensor(predicted_masks)  # numpy masks too
     widest = max(len(words) for words in dictionary.values())
     model.eval()
     results: list[dict | None] = [None] * images.shape[0]
