@@ -610,6 +610,9 @@ CASES = [
          TRAIN_ARGS, 2, ("{ws}/afile/runs/r: cannot write here",)),
     Case("run_name_is_a_file", both(config("TRAIN.run_name=x"), files(**{"runs/x": "not a folder"})), "train.py",
          TRAIN_ARGS, 2, ("{ws}/runs/x: exists and is a file, not a run folder",)),
+    Case("train_loss_not_finite", config("TRAIN.lr=1.0e+30"), "train.py", TRAIN_ARGS, 2,
+         ("epoch 1, step 2: the training loss is not finite; stopped before validation", "lower TRAIN.lr (1e+30)"),
+         ("runs/r/best", "runs/r/last", "runs/r/metrics.json")),
     Case("debug_shows_the_traceback", config("TRAIN.batch_size=0"), "train.py", TRAIN_ARGS + " --debug", 1,
          ("Traceback", "CoTexNetError: TRAIN.batch_size: 0 must be >= 1")),
     # stage 3: split CSVs -----------------------------------------------------------------------

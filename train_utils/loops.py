@@ -8,6 +8,7 @@ early-stopping decision; checkpoints and logs are written by the main process on
 from __future__ import annotations
 
 import enum
+import math
 import signal
 import time
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from common.errors import CoTexNetError
 from model.feature_cache import FeatureCache
 from train_utils import reporting
 from train_utils.config import Config
@@ -63,10 +65,13 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, accelerator:
     """One pass over the training loader; returns the image-weighted mean losses and the last lr."""
     model.train()
     sums = torch.zeros(4, device=accelerator.device)  # loss, seg, kl, images
+    # The first step whose loss is not finite, kept on the device: no host sync per step.
+    first_bad = torch.tensor(math.inf, device=accelerator.device)
     bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, disable=not accelerator.is_main_process)
     for step, batch in enumerate(bar):
         output = model(batch["pixel_values"], batch["roi_pixel_values"], batch["input_ids"], batch["attention_mask"])
         losses = criterion(output, batch["label"])
+        first_bad = torch.where(torch.isfinite(losses["loss"].detach()), first_bad, first_bad.clamp(max=step + 1))
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(losses["loss"])
         optimizer.step()
@@ -77,6 +82,11 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, accelerator:
         if step % print_freq == 0:
             bar.set_postfix(loss=f"{losses['loss'].item():.4f}")
     sums = accelerator.reduce(sums, "sum")
+    first_bad = accelerator.gather(first_bad[None]).min().item()  # every process stops alike
+    if math.isfinite(first_bad):
+        raise CoTexNetError(f"epoch {epoch}, step {int(first_bad)}: the training loss is not finite; stopped before "
+                            "validation, so best/ and last/ keep the last finished epoch; lower TRAIN.lr "
+                            f"({optimizer.param_groups[0]['initial_lr']:g}) or check the inputs")
     loss, seg, kl = (sums[:3] / sums[3].clamp(min=1)).tolist()
     return dict(train_loss=loss, train_seg=seg, train_kl=kl, lr=optimizer.param_groups[0]["lr"])
 
