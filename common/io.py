@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ import pandas as pd
 
 from common.errors import CoTexNetError
 
+_TMP_NAME = re.compile(r"\.(?P<target>.+)\.[^.]+\.tmp(\.[^.]*)?")  # atomic_path's ".<name>.<random>.tmp<ext>"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -49,6 +51,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def leftovers(targets: Iterable[str | os.PathLike]) -> list[Path]:
+    """The temporary files that killed atomic writes of `targets` left beside them (hidden
+    files named by `atomic_path`); each folder is listed once."""
+    by_folder: dict[Path, set[str]] = {}
+    for target in map(Path, targets):
+        by_folder.setdefault(target.parent, set()).add(target.name)
+    found = []
+    for folder, names in by_folder.items():
+        if folder.is_dir():
+            for entry in os.scandir(folder):
+                match = _TMP_NAME.fullmatch(entry.name)
+                if match and match["target"] in names:
+                    found.append(folder / entry.name)
+    return found
 
 
 def read_csv(path: str | os.PathLike, columns: Iterable[str] = (), missing_hint: str = "") -> pd.DataFrame:
