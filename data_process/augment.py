@@ -174,9 +174,10 @@ def _manifest_for(dataset_dir: Path, dataset_name: str, train_path: Path) -> dic
     path = layout.augment_manifest(dataset_dir)
     if manifest["dataset"] != dataset_name:
         raise CoTexNetError(f"{path}: made for dataset {manifest['dataset']!r}, not {dataset_name!r}")
-    if Path(manifest["split_file"]) != train_path.resolve():
-        raise CoTexNetError(f"{path}: its rows are in {manifest['split_file']}, not {train_path.resolve()}; "
-                            f"pass --split-dir {Path(manifest['split_file']).parent}")
+    split_file = (dataset_dir / manifest["split_file"]).resolve()
+    if split_file != train_path.resolve():
+        raise CoTexNetError(f"{path}: its rows are in {split_file}, not {train_path.resolve()}; "
+                            f"pass --split-dir {split_file.parent}")
     return manifest
 
 
@@ -237,8 +238,10 @@ def plan(dataset_dir, spec: DatasetSpec, split_dir, ops: list[Op]) -> Plan:
     if not (dataset_dir / "images").is_dir():
         raise CoTexNetError(f"{dataset_dir / 'images'}: no such folder")
     splits = read_splits(split_dir, spec.name)
+    # the split file relative to the dataset folder: the manifest stays valid when the project moves
+    split_file = Path(os.path.relpath(splits.train_path.resolve(), dataset_dir.resolve())).as_posix()
     manifest = _manifest_for(dataset_dir, spec.name, splits.train_path) or {
-        "format": MANIFEST_FORMAT, "dataset": spec.name, "split_file": str(splits.train_path.resolve()),
+        "format": MANIFEST_FORMAT, "dataset": spec.name, "split_file": split_file,
         "split_before": fingerprint(splits.train_bytes), "copies": []}
     known = {copy["image"]: copy for copy in manifest["copies"]}
     originals = {image: mask for image, mask in splits.train.items() if image not in known}
@@ -253,10 +256,13 @@ def plan(dataset_dir, spec: DatasetSpec, split_dir, ops: list[Op]) -> Plan:
                 wanted[copy_image] = dict(source=image, op=op.name, image=copy_image, mask=copy_mask)
                 new.append(wanted[copy_image])
     _check_collisions(dataset_dir, spec, new, splits)
+    write = [copy for copy in wanted.values() if not all(path.exists() for path in copy_files(dataset_dir, copy, spec))]
+    for source in dict.fromkeys(copy["source"] for copy in write):  # a missing source would stop the run half-way
+        for path in copy_files(dataset_dir, dict(image=source, mask=splits.train[source]), spec):
+            if not path.exists():
+                raise CoTexNetError(f"{path}: no such file (listed in {splits.train_path}); nothing written")
     manifest = {**manifest, "copies": [*manifest["copies"], *new]}
-    return Plan(dataset_dir, spec, splits, manifest, len(originals), new,
-                write=[copy for copy in wanted.values()
-                       if not all(path.exists() for path in copy_files(dataset_dir, copy, spec))],
+    return Plan(dataset_dir, spec, splits, manifest, len(originals), new, write=write,
                 add_rows=[copy for copy in wanted.values() if copy["image"] not in splits.train],
                 stale=[copy for copy in known.values() if copy["source"] not in originals])
 

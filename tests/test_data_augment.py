@@ -192,6 +192,12 @@ def test_refuses_a_file_in_the_way_of_a_copy(plain_dataset):
     with pytest.raises(CoTexNetError, match="p0_aug-vflip.png: exists and is not a copy"):
         augment_cli(dataset, splits)
     assert snapshot(dataset, splits) == before
+    os.remove(dataset / "images" / "p0_aug-vflip.png")
+    os.remove(dataset / "masks" / "p1.png")  # a source that would stop the run half-way
+    before = snapshot(dataset, splits)
+    with pytest.raises(CoTexNetError, match="p1.png: no such file .*nothing written"):
+        augment_cli(dataset, splits)
+    assert snapshot(dataset, splits) == before
 
 
 def test_rerun_writes_nothing_and_other_ops_add_only_theirs(plain_dataset, capsys):
@@ -209,6 +215,11 @@ def test_rerun_writes_nothing_and_other_ops_add_only_theirs(plain_dataset, capsy
     assert sorted(p.name for p in set(after) - set(first)) == ["p0_aug-vflip.png"] * 2 + ["p1_aug-vflip.png"] * 2
     assert sorted(train_rows(splits, "plain")["img_name"]) == \
         ["p0.png", "p0_aug-hflip.png", "p0_aug-vflip.png", "p1.png", "p1_aug-hflip.png", "p1_aug-vflip.png"]
+    moved = dataset.parent / "moved"  # the manifest names the split file relative to the dataset
+    shutil.copytree(dataset, moved / "plain")
+    shutil.copytree(splits, moved / "splits")
+    augment_cli(moved / "plain", moved / "splits", "--ops", "vflip,hflip")
+    assert "nothing to do" in capsys.readouterr().out
 
 
 def test_undo_gives_back_every_byte(plain_dataset, capsys):
