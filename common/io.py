@@ -57,6 +57,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def leftovers(targets: Iterable[str | os.PathLike]) -> list[Path]:
+    """The temporary files that killed atomic writes of `targets` left beside them; each folder
+    is listed once."""
+    by_folder: dict[Path, set[str]] = {}
+    for target in map(Path, targets):
+        by_folder.setdefault(target.parent, set()).add(target.name)
+    found = []
+    for folder, names in by_folder.items():
+        if folder.is_dir():
+            for entry in os.scandir(folder):
+                match = _TEMPORARY.fullmatch(entry.name)
+                if match and match.group(1) in names:
+                    found.append(folder / entry.name)
+    return found
+
+
 def remove_stale_temporaries(folder: str | os.PathLike, names: Iterable[str] | None = None) -> int:
     """Delete the temporary files of writes that a kill interrupted under `folder` (with `names`:
     only those of these file names, directly in `folder`); returns how many. Call it only where
@@ -64,10 +80,10 @@ def remove_stale_temporaries(folder: str | os.PathLike, names: Iterable[str] | N
     folder = Path(folder)
     if not folder.is_dir():
         return 0
-    names = None if names is None else set(names)
-    found = folder.rglob(".*.tmp*") if names is None else folder.glob(".*.tmp*")
-    stale = [path for path in found if path.is_file() and (match := _TEMPORARY.fullmatch(path.name))
-             and (names is None or match.group(1) in names)]
+    if names is None:
+        stale = [path for path in folder.rglob(".*.tmp*") if path.is_file() and _TEMPORARY.fullmatch(path.name)]
+    else:
+        stale = leftovers(folder / name for name in names)
     for path in stale:
         path.unlink(missing_ok=True)
     return len(stale)

@@ -3,6 +3,7 @@
     <root>/<dataset>/images/    the images           (root defaults to data_process)
     <root>/<dataset>/masks/     their masks
     <root>/<dataset>/ROIs/      stage 1's ROI images: <stem>.jpg, or <stem>__<category>.jpg
+    <root>/<dataset>/augmented.json             the copies augment_data.py made (its manifest)
     <split_dir>/{train,val,test}_data.csv       columns dataset,img_name,mask_name
     text_file/<dataset>/<dataset>_text_out.csv  stage 2's text
 
@@ -21,6 +22,8 @@ SPLIT_COLUMNS = ["dataset", "img_name", "mask_name"]  # a list: pandas reads a t
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 ROI_EXT = ".jpg"
 CATEGORY_SEP = "__"  # ROI of one category: "<stem>__<category>.jpg"
+AUGMENT_SEP = "_aug-"  # augmented copy: "<stem>_aug-<op tag><ext>"; never read as CATEGORY_SEP
+AUGMENT_MANIFEST = "augmented.json"
 
 
 def normalise_ext(ext: str | None) -> str | None:
@@ -52,6 +55,15 @@ def list_files(folder: str | Path, exts=IMAGE_EXTS) -> list[str]:
 
 def dataset_dir(root: str | Path, dataset_name: str) -> Path:
     return Path(root) / dataset_name
+
+
+def augment_manifest(dataset_folder: str | Path) -> Path:
+    return Path(dataset_folder) / AUGMENT_MANIFEST
+
+
+def augmented_stem(image_stem: str, tag: str) -> str:
+    """The stem of the copy of an image made by augmentation `tag` ("sub/a", "hflip" -> "sub/a_aug-hflip")."""
+    return f"{image_stem}{AUGMENT_SEP}{tag}"
 
 
 def split_csv(split_dir: str | Path, split: str) -> Path:

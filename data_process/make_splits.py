@@ -12,6 +12,9 @@ mask_name is relative to <dataset-path>/masks; for a dataset with one mask per c
 masks/<k or keyword>/. A mask without an image stops the run (nothing written); images
 without a mask are listed and left out.
 
+Augmented copies (listed in <dataset-path>/augmented.json by augment_data.py) are left out:
+they belong in train only, next to their source; rerun augment_data.py after a new split.
+
 --from-list FILE takes a given split instead: a CSV with columns img_name,split
 (split = train, val or test), such as a published split.
 """
@@ -28,6 +31,7 @@ import pandas as pd
 from common.errors import CoTexNetError, run_cli
 from common.io import atomic_path, read_csv
 from data_process import layout
+from data_process.augment import augmented_images
 from data_process.layout import SPLIT_COLUMNS, SPLITS
 from data_process.registry import get_spec, pair_files
 
@@ -102,10 +106,12 @@ def main(argv: list[str] | None = None) -> None:
     spec = get_spec(args.dataset_name)
     pairing = pair_files(args.dataset_path, spec, args.img_format, args.mask_format)
     pairing.check(args.dataset_path, spec)
+    copies = augmented_images(args.dataset_path)
+    pairs = [(image, mask) for image, mask in pairing.pairs if image not in copies]
     if args.from_list:
-        splits = pairs_from_list(pairing.pairs, args.from_list)
+        splits = pairs_from_list(pairs, args.from_list)
     else:
-        splits = split_pairs(pairing.pairs, args.ratios, args.seed)
+        splits = split_pairs(pairs, args.ratios, args.seed)
     # read (and check) all three files before writing any
     paths = [layout.split_csv(args.out_dir, split) for split in SPLITS]
     tables = [merge_split(path, args.dataset_name, splits[split]) for path, split in zip(paths, SPLITS, strict=True)]
@@ -113,7 +119,8 @@ def main(argv: list[str] | None = None) -> None:
         with atomic_path(path) as tmp:
             table.to_csv(tmp, index=False)
     counts = "/".join(str(len(splits[split])) for split in SPLITS)
-    print(f"{args.dataset_name}: {counts} train/val/test pairs written to {args.out_dir}/{{train,val,test}}_data.csv")
+    print(f"{args.dataset_name}: {counts} train/val/test pairs written to {args.out_dir}/{{train,val,test}}_data.csv"
+          + (f"; {len(copies)} augmented copies left out (rerun augment_data.py)" if copies else ""))
 
 
 if __name__ == "__main__":

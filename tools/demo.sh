@@ -1,29 +1,33 @@
 #!/usr/bin/env bash
 # `make demo`: the whole CoTexNet pipeline, offline, on 2 CPU cores, in a few minutes.
-# Synthetic polyp-like data -> ROI images -> geometry text -> splits -> a tiny random CLIPSeg
-# built from a config -> train -> reload the best checkpoint -> test table -> evaluation at
-# the original image sizes. Every step is the command a researcher runs on real data; only
-# the inputs are small. Everything goes to demo_out/, which each demo starts afresh.
+# Synthetic polyp-like data -> train/val/test splits -> offline augmentation of the train split
+# (horizontal flips) -> ROI images and geometry text for originals and copies alike -> a tiny
+# random CLIPSeg built from a config -> train -> reload the best checkpoint -> test table ->
+# evaluation at the original image sizes. Every step is the command a researcher runs on real
+# data; only the inputs are small. Everything goes to demo_out/, which each demo starts afresh.
 set -euo pipefail
 PY=${1:-python}
 OUT=demo_out
 DATA=$OUT/data
 rm -rf "$OUT"
 
-echo "== 1/7 synthetic dataset"
+echo "== 1/8 synthetic dataset"
 $PY data_process/make_synthetic.py --root "$DATA" --name synthetic --count 160 --seed 0
-echo "== 2/7 ROI images (stage 1)"
+echo "== 2/8 train/val/test splits"
+$PY data_process/make_splits.py --dataset-name synthetic --dataset-path "$DATA/synthetic" --out-dir "$OUT/splits"
+echo "== 3/8 offline augmentation of the train split (one op here; the paper's default: hflip,vflip,scale0.75,scale1.25)"
+$PY data_process/augment_data.py --dataset-name synthetic --dataset-path "$DATA/synthetic" --split-dir "$OUT/splits" \
+    --ops hflip
+echo "== 4/8 ROI images (stage 1)"
 $PY data_process/make_ROI_img.py --dataset-name synthetic --dataset-path "$DATA/synthetic" --img-format .jpg
-echo "== 3/7 conceptual text from the masks (stage 2, geometry describer: no LLaVA needed)"
+echo "== 5/8 conceptual text from the masks (stage 2, geometry describer: no LLaVA needed)"
 $PY get_text.py --dataset-name synthetic --dataset-path "$DATA/synthetic" --describer geometry \
     --out "$OUT/text_file/synthetic/synthetic_text_out.csv"
-echo "== 4/7 train/val/test splits"
-$PY data_process/make_splits.py --dataset-name synthetic --dataset-path "$DATA/synthetic" --out-dir "$OUT/splits"
-echo "== 5/7 a tiny random CLIPSeg, built offline from a config"
+echo "== 6/8 a tiny random CLIPSeg, built offline from a config"
 $PY -m model.tiny --out "$OUT/tiny-clipseg"
-echo "== 6/7 train CoTexNet (stage 3), reload the best checkpoint, test"
+echo "== 7/8 train CoTexNet (stage 3), reload the best checkpoint, test"
 $PY train.py --config dataset_config/demo_config.yaml
-echo "== 7/7 the best checkpoint on the test split, at each image's original size"
+echo "== 8/8 the best checkpoint on the test split, at each image's original size"
 $PY evaluate.py --run "$OUT/runs/demo" --split test
 echo
 echo "demo done: curves at $OUT/runs/demo/curves.png, overlays in $OUT/runs/demo/overlays/ and $OUT/runs/demo/eval_test/overlays/"
