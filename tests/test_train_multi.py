@@ -17,7 +17,7 @@ import train
 from common.errors import CoTexNetError
 from data_process.make_synthetic import make_synthetic
 from model.checkpoint import load_checkpoint
-from train_utils import data, multi
+from train_utils import data, loops, multi
 from train_utils.config import load_config
 
 pytestmark = pytest.mark.slow
@@ -59,6 +59,12 @@ def two(tmp_path_factory) -> dict:
         TRAIN=dict(input_size=64, batch_size=4, num_workers=0, epochs=2, lr=1e-3, cpu_threads=2, num_overlays=1,
                    run_dir=str(work / "runs"), select_overall="datasets", amp=False),
     )
+    only = work / "onlyone"  # synthetic_png in the training split only
+    only.mkdir()
+    for split in ("train", "val", "test"):
+        frame = pd.read_csv(work / f"{split}_data.csv")
+        (frame if split == "train" else frame[frame["dataset"] == "synthetic"]).to_csv(only / f"{split}_data.csv",
+                                                                                        index=False)
     (work / "multi.yaml").write_text(yaml.safe_dump(config))
     single = dict(config, DATASET=dict(dataset_name="synthetic", root_dir=str(root), split_dir=str(work),
                                        text_csv=str(work / "synthetic_text.csv")),
@@ -98,6 +104,9 @@ def test_cross_dataset_evaluation_on_another_layout(single_run, two, capsys):
     rows = pd.read_csv(out / "per_image.csv")
     assert sorted(rows["name"]) == two["names"]["synthetic_png"]  # every image of the three splits, once
     assert len(list((out / "masks").glob("*.png"))) == 8
+    evaluate.main(["--run", str(single_run), "--dataset", "synthetic_png", "--split", "all", "--split-dir",
+                   str(two["work"] / "onlyone"), "--out", str(two["work"] / "train_only")])
+    assert json.loads((two["work"] / "train_only" / "metrics.json").read_text())["images"] == 4  # the split holding it
     evaluate.main(["--run", str(single_run), "--dataset", "synthetic_png", "--split", "val"])
     assert json.loads((single_run / "eval_synthetic_png_val" / "metrics.json").read_text())["images"] == 2
     # The run's own dataset keeps the folder existing tooling reads.
@@ -111,6 +120,9 @@ def test_cross_dataset_evaluation_needs_the_runs_classes(single_run):
         evaluate.main(["--run", str(single_run), "--dataset", "synthetic_multiclass"])
     with pytest.raises(CoTexNetError, match=r"no rows for dataset 'elsewhere'"):
         evaluate.main(["--run", str(single_run), "--dataset", "elsewhere"])
+    with pytest.raises(CoTexNetError, match=r"no split CSV \(train_data.csv, val_data.csv, test_data.csv\) has rows "
+                                            r"for dataset 'elsewhere'"):
+        evaluate.main(["--run", str(single_run), "--dataset", "elsewhere", "--split", "all"])
 
 
 def test_two_dataset_run_reports_each_dataset_and_both_overall_figures(multi_run, two):
@@ -138,6 +150,24 @@ def test_two_dataset_run_reports_each_dataset_and_both_overall_figures(multi_run
         evaluate.main(["--run", str(multi_run)])
     evaluate.main(["--run", str(multi_run), "--dataset", "synthetic_png"])
     assert json.loads((multi_run / "eval_synthetic_png_test" / "metrics.json").read_text())["images"] == 2
+
+
+@pytest.mark.parametrize("how, best_epoch, best_dice", [("images", 1, [0.6, 0.6]), ("datasets", 2, [0.2, 0.5])])
+def test_select_overall_picks_the_best_epoch(two, monkeypatch, how, best_epoch, best_dice):
+    """Validation figures scripted so that the two overall means disagree on the best epoch."""
+    real, scores = loops.evaluate, iter([(0.6, 0.2), (0.4, 0.5)])  # (over images, over datasets) of epochs 1, 2
+
+    def scripted(*args, **kwargs):
+        rows, summary, kept = real(*args, **kwargs)
+        summary["dice"], summary["mean_over_datasets"]["dice"] = next(scores)
+        return rows, summary, kept
+
+    monkeypatch.setattr(loops, "evaluate", scripted)
+    train.main(["--config", str(two["multi"]), f"TRAIN.select_overall={how}", f"TRAIN.run_name=select_{how}"])
+    run = two["runs"] / f"select_{how}"
+    assert json.loads((run / "metrics.json").read_text())["best_epoch"] == best_epoch
+    assert load_checkpoint(run / "best")[1]["val_dice"] == best_dice[-1]
+    assert list(pd.read_csv(run / "log.csv")["best_dice"]) == best_dice
 
 
 def test_training_batches_mix_the_datasets(two, tokenizer):
@@ -172,12 +202,6 @@ def test_summary_overall_selects_by_images_or_datasets():
      r"same classes; the registry gives synthetic 2, synthetic_multiclass 3"),
 ])
 def test_a_dataset_missing_its_text_or_rows_is_one_line(two, override, match):
-    only = two["work"] / "onlyone"
-    only.mkdir(exist_ok=True)
-    for split in ("train", "val", "test"):
-        frame = pd.read_csv(two["work"] / f"{split}_data.csv")
-        (frame if split == "train" else frame[frame["dataset"] == "synthetic"]).to_csv(only / f"{split}_data.csv",
-                                                                                        index=False)
     with pytest.raises(CoTexNetError, match=match) as err:
         train.main(["--config", str(two["multi"]), override.format(work=two["work"]), "TRAIN.run_name=bad"])
     assert "\n" not in str(err.value)

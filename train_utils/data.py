@@ -11,8 +11,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 
 from common.errors import CoTexNetError
-from common.io import write_text
-from data_process.layout import SPLITS, split_csv
+from common.io import read_csv, write_text
+from data_process.layout import SPLIT_COLUMNS, SPLITS, split_csv
 from data_process.my_dataset import SegDataset, collate, read_split
 from data_process.registry import get_spec, read_image
 from data_process.transforms import eval_transform, train_transform
@@ -34,20 +34,13 @@ def split_frame(cfg: Config, split: str, name: str | None = None):
 
 
 def _all_splits(split_dir, name: str) -> pd.DataFrame:
-    frames, errors = [], []
-    for split in SPLITS:
-        path = split_csv(split_dir, split)
-        if not path.is_file():  # one-split datasets (test only) are common in cross-dataset evaluation
-            errors.append(f"{path}: no such file")
-            continue
-        try:
-            frames.append(read_split(path, name))
-        except CoTexNetError as err:
-            if "no rows for dataset" not in str(err):
-                raise
-            errors.append(str(err))
+    # A dataset kept for cross-dataset evaluation often has rows in one split only (test).
+    paths = [split_csv(split_dir, split) for split in SPLITS]
+    frames = [read_split(path, name) for path in paths
+              if path.is_file() and (read_csv(path, SPLIT_COLUMNS)["dataset"] == name).any()]
     if not frames:
-        raise CoTexNetError(f"split all of {name}: no split holds it ({'; '.join(errors)})")
+        raise CoTexNetError(f"{split_dir}: no split CSV ({', '.join(p.name for p in paths)}) has rows for dataset "
+                            f"{name!r}")
     frame = pd.concat(frames, ignore_index=True).drop_duplicates(["img_name", "mask_name"])
     clash = frame["img_name"][frame["img_name"].duplicated()].tolist()
     if clash:

@@ -117,5 +117,6 @@ def table(results: dict[str, dict]) -> dict[str, dict]:
         for name, part in summary.get("datasets", {}).items():
             lines[f"{split} {name}"] = part
         if "mean_over_datasets" in summary:
-            lines[f"{split} mean of datasets"] = dict(summary["mean_over_datasets"], images=summary["images"])
+            counts = {key: summary[key] for key in COUNTS if key in summary}
+            lines[f"{split} mean of datasets"] = dict(summary["mean_over_datasets"], **counts)
     return lines
