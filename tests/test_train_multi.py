@@ -215,6 +215,7 @@ def test_a_dataset_missing_its_text_or_rows_is_one_line(two, override, match):
     ("DATASET.text_csv=t.csv", "one path per dataset"),
     ("DATASET.text_csv=[t.csv]", "one path per dataset"),
     ("TRAIN.select_overall=best", "images or datasets"),
+    ("DATASET.keyword=lesion", "must be null with several datasets"),
 ])
 def test_multi_dataset_config_mistakes_name_the_key(override, match):
     with pytest.raises(CoTexNetError, match=match):

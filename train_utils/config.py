@@ -149,6 +149,8 @@ def _validate(config: Config) -> None:
          else len(names) == 1 or not d.text_csv,
          f"must be a list of one path per dataset of DATASET.dataset_name ({len(names)}; \"\" = that dataset's "
          "default), or \"\" for every default"),
+        ("DATASET.keyword", len(names) == 1 or d.keyword is None, "must be null with several datasets (it would "
+         "replace every dataset's keyword): give each its keyword in dataset_config/datasets.yaml"),
         ("TRAIN.select_overall", t.select_overall in ("images", "datasets"), "must be images or datasets"),
         ("TRAIN.device", t.device in ("auto", "cpu", "cuda"), "must be auto, cpu or cuda"),
         ("TRAIN.input_size", t.input_size >= 32 and t.input_size % 16 == 0, "must be a multiple of 16, at least 32"),
