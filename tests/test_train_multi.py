@@ -57,7 +57,7 @@ def two(tmp_path_factory) -> dict:
         DATASET=dict(dataset_name=["synthetic", "synthetic_png"], root_dir=str(root), split_dir=str(work),
                      text_csv=[str(work / "synthetic_text.csv"), str(work / "synthetic_png_text.csv")]),
         TRAIN=dict(input_size=64, batch_size=4, num_workers=0, epochs=2, lr=1e-3, cpu_threads=2, num_overlays=1,
-                   run_dir=str(work / "runs"), select_overall="datasets", amp=False),
+                   run_dir=str(work / "runs"), select_overall="datasets"),
     )
     only = work / "onlyone"  # synthetic_png in the training split only
     only.mkdir()
