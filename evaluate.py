@@ -1,16 +1,19 @@
 """Evaluate a trained run on a split at the ORIGINAL image resolution.
 
   python evaluate.py --run runs/kvasir_20260101-120000 [--split test] [--checkpoint best]
+  python evaluate.py --run runs/kvasir_20260101-120000 --dataset clinicdb --split all   # cross-dataset
 
 The prediction (made at the training input size) is resized back to each image's own size
 before the metrics, so the figures compare with work that evaluates at full resolution.
-Writes to RUN_DIR/eval_<split>/ (or --out): masks/<image stem>.png, overlays/ (the first
---overlays images: image | truth | prediction), per_image.csv and metrics.json.
+Writes to RUN_DIR/eval_<split>/ (another dataset: RUN_DIR/eval_<dataset>_<split>/; or --out):
+masks/<image stem>.png, overlays/ (the first --overlays images: image | truth | prediction),
+per_image.csv and metrics.json. Evaluation uses the images only: another dataset needs no text.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -19,29 +22,60 @@ from tqdm.auto import tqdm
 from common.errors import CoTexNetError, run_cli
 from common.io import write_json
 from data_process.layout import SPLITS
-from data_process.registry import read_image, read_mask
+from data_process.registry import get_spec, read_image, read_mask
 from train_utils import data, reporting
 from train_utils.inference import predict_batches
 from train_utils.metrics import class_names, image_metrics, summarize
 from train_utils.precision import make_accelerator
 from train_utils.run_state import load_run
 
+SPLIT_CHOICES = (*SPLITS, "all")  # all: the three splits together, each image once
+
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="run folder written by train.py")
-    parser.add_argument("--split", default="test", choices=SPLITS, help="split to evaluate (default: test)")
+    parser.add_argument("--split", default="test", choices=SPLIT_CHOICES,
+                        help="split to evaluate (default: test); all: the union of the three")
+    parser.add_argument("--dataset", help="a registered dataset to evaluate on, if not the run's own (it must "
+                        "have the run's classes); its images under --root, its rows in the --split-dir CSVs")
+    parser.add_argument("--root", help="folder of the dataset folders (default: the run's DATASET.root_dir)")
+    parser.add_argument("--split-dir", help="folder of the split CSVs (default: the run's DATASET.split_dir)")
     parser.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint (default: best)")
     parser.add_argument("--clipseg", help="CLIPSeg base folder or hub id, if not the one the run recorded")
-    parser.add_argument("--out", help="output folder (default: RUN/eval_<split>)")
+    parser.add_argument("--out", help="output folder (default: RUN/eval_<split>, another dataset: "
+                        "RUN/eval_<dataset>_<split>)")
     parser.add_argument("--overlays", type=int, default=8, help="number of overlay pictures (default: 8)")
     return parser.parse_args(argv)
+
+
+def target(cfg, args):
+    """(the run's config pointed at the dataset to evaluate, the default output folder's name).
+
+    The run's own dataset keeps the folder eval_<split>; another one, or one of a run trained on
+    several, is named: eval_<dataset>_<split>."""
+    own = cfg.datasets()
+    name = args.dataset or own[0]
+    if args.dataset is None and len(own) > 1:
+        raise CoTexNetError(f"--dataset: {args.run} was trained on {', '.join(own)}; name the one to evaluate")
+    d = cfg.DATASET
+    if name not in own:
+        classes = get_spec(name).num_classes
+        if classes != d.num_classes:
+            raise CoTexNetError(f"--dataset {name}: it has {classes} classes (categories + 1 background) but the run "
+                                f"predicts {d.num_classes}; evaluate it with a run trained for its classes")
+    keyword = d.keyword if name in own else None  # the run's keyword may stand for its own dataset only
+    d = dataclasses.replace(d, dataset_name=name, text_csv="", keyword=keyword, root_dir=args.root or d.root_dir,
+                            split_dir=args.split_dir or d.split_dir)
+    folder = f"eval_{args.split}" if own == [name] else f"eval_{name}_{args.split}"
+    return dataclasses.replace(cfg, DATASET=d), folder
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     cfg, model, extra = load_run(args.run, args.checkpoint, args.clipseg)
-    out = Path(args.out or Path(args.run) / f"eval_{args.split}")
+    cfg, folder_name = target(cfg, args)
+    out = Path(args.out or Path(args.run) / folder_name)
     accelerator = make_accelerator(cfg)
     split = data.dataset(cfg, args.split)
     masks_of = dict(split.rows)  # image name -> mask name
@@ -77,7 +111,8 @@ def main(argv: list[str] | None = None) -> None:
         data.report_unreadable(unreadable, out / "unreadable.txt")
         summary = summarize(rows)
         write_json(out / "metrics.json", dict(run=str(args.run), checkpoint=args.checkpoint, epoch=extra.get("epoch"),
-                                              split=args.split, resolution="original", **summary))
+                                              dataset=cfg.DATASET.dataset_name, split=args.split,
+                                              resolution="original", **summary))
         reporting.write_csv(out / "per_image.csv", rows)
         print(reporting.format_table({args.split: summary}))
         print(f"\nmasks: {out / 'masks'}  overlays: {out / 'overlays'}  per image: {out / 'per_image.csv'}  "

@@ -7,6 +7,7 @@
 
 Everything goes to runs/<name>/: config.yaml (resolved), log.csv (one row per epoch),
 curves.png, best/ and last/ checkpoints, overlays/, metrics.json, test_per_image.csv.
+DATASET.dataset_name=[kvasir,clinicdb] trains on both at once (metrics per dataset and overall).
 Ctrl-C or SIGTERM finishes the current epoch, saves last/ and exits with status 130
 (a second one quits at once).
 """
@@ -25,10 +26,9 @@ from transformers import AutoConfig, AutoTokenizer
 from common.errors import EXIT_INTERRUPTED, CoTexNetError, run_cli
 from common.io import write_json, write_text
 from data_process.registry import REGISTRY_FILE, known_datasets
-from llava_inference.text_to_csv import load_prompts
 from model.checkpoint import load_checkpoint
 from model.CoTexNet import CoTexNet
-from train_utils import data, reporting, run_state
+from train_utils import data, multi, reporting, run_state
 from train_utils.config import load_config
 from train_utils.loops import Outcome, Training, evaluate, fit
 from train_utils.losses import CoTexNetLoss
@@ -52,7 +52,7 @@ def run_folder(cfg, resume: str | None) -> Path:
     if resume:
         return Path(resume)
     t = cfg.TRAIN
-    run = Path(t.run_dir) / (t.run_name or f"{cfg.DATASET.dataset_name}_{time.strftime('%Y%m%d-%H%M%S')}")
+    run = Path(t.run_dir) / (t.run_name or f"{'+'.join(cfg.datasets())}_{time.strftime('%Y%m%d-%H%M%S')}")
     if run.exists() and not run.is_dir():
         raise CoTexNetError(f"{run}: exists and is a file, not a run folder; choose another TRAIN.run_name")
     if run.exists() and any(run.iterdir()):
@@ -62,7 +62,7 @@ def run_folder(cfg, resume: str | None) -> Path:
 
 def check_num_classes(cfg, spec) -> None:
     """DATASET.num_classes must be the registry's: the head, the loss and the masks' labels follow it."""
-    name, wanted = cfg.DATASET.dataset_name, spec.num_classes
+    name, wanted = spec.name, spec.num_classes
     if cfg.DATASET.num_classes != wanted:
         where = (f"{REGISTRY_FILE} gives {name} {wanted}" if name.lower() in map(str.lower, known_datasets())
                  else f"{name} is not in {REGISTRY_FILE}, so it is binary: 2")
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         raise CoTexNetError("--resume continues a run with its saved config; overrides are not allowed")
     cfg = run_state.run_config(args.resume) if args.resume else load_config(args.config, args.overrides)
     # Everything is checked before the run folder is written: a wrong setting leaves nothing behind.
-    spec = data.spec(cfg)
+    spec = multi.specs(cfg)[cfg.datasets()[0]]  # several datasets: checked to share their classes
     check_num_classes(cfg, spec)
     tokenizer = load_tokenizer(cfg.MODEL.clipseg_hf_api)
     run = run_folder(cfg, args.resume)
@@ -104,10 +104,10 @@ def main(argv: list[str] | None = None) -> None:
     set_seed(cfg.TRAIN.random_seed)  # the same on every process: they draw the same shuffles
 
     # Data: the training split carries the text prompts; validation and test are images only.
+    # Several datasets: each split is all of theirs, mixed in the shuffled batches.
     names = class_names(cfg.DATASET.num_classes, spec.categories)
-    prompts = load_prompts(cfg.text_csv(), spec)
-    train_set = data.dataset(cfg, "train", tokenizer, prompts)
-    val_set, test_set = data.dataset(cfg, "val"), data.dataset(cfg, "test")
+    train_set = multi.split_set(cfg, "train", tokenizer)
+    val_set, test_set = multi.split_set(cfg, "val"), multi.split_set(cfg, "test")
     generator = torch.Generator().manual_seed(cfg.TRAIN.random_seed)
     train_loader = data.loader(cfg, train_set, shuffle=True, generator=generator)
     val_loader, test_loader = data.loader(cfg, val_set), data.loader(cfg, test_set)
@@ -141,11 +141,13 @@ def main(argv: list[str] | None = None) -> None:
                                                        names, desc=split)
     if main_process:
         best_epoch = extra["epoch"] if cfg.TRAIN.save_best else None
-        write_json(run / "metrics.json", dict(best_epoch=best_epoch, resolution=cfg.TRAIN.input_size, **results))
+        several = dict(datasets=cfg.datasets(), select_overall=cfg.TRAIN.select_overall) if multi.is_multi(cfg) else {}
+        write_json(run / "metrics.json", dict(best_epoch=best_epoch, resolution=cfg.TRAIN.input_size, **several,
+                                              **results))
         reporting.write_csv(run / "test_per_image.csv", per_image["test"])
         print(f"\nbest epoch: {best_epoch}  (metrics at {cfg.TRAIN.input_size}x{cfg.TRAIN.input_size}; "
               f"evaluate.py gives them at the original image size)")
-        print(reporting.format_table(results))
+        print(reporting.format_table(multi.table(results)))
         print(f"\nrun folder {run}: config.yaml, log.csv, curves.png, best/, last/, overlays/, "
               f"metrics.json, test_per_image.csv")
 

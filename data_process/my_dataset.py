@@ -111,6 +111,8 @@ def collate(batch: list[dict], pad_id: int = 49407, min_length: int = 6) -> dict
     at least `min_length` tokens (the ROI pseudo-token goes to position 5)."""
     out = {key: torch.stack([item[key] for item in batch]) for key in ("pixel_values", "label", "roi_pixel_values")}
     out.update(name=[item["name"] for item in batch], orig_size=[item["orig_size"] for item in batch])
+    if "dataset" in batch[0]:  # items of several datasets (train_utils.multi.Mixed)
+        out["dataset"] = [item["dataset"] for item in batch]
     if "input_ids" in batch[0]:
         length = max(min_length, *(len(item["input_ids"]) for item in batch))
         ids = torch.full((len(batch), length), pad_id, dtype=torch.long)

@@ -30,11 +30,11 @@ class ModelConfig:
 
 @dataclass
 class DatasetConfig:
-    dataset_name: str = "kvasir"
+    dataset_name: str | list[str] = "kvasir"  # a list trains on several datasets at once, mixed in every batch
     num_classes: int = 2  # categories + 1 (background counted), as in the paper
     root_dir: str = "data_process"  # <root_dir>/<dataset_name>/{images,masks,ROIs}
     split_dir: str = "data_process"  # {train,val,test}_data.csv
-    text_csv: str = ""  # "" = text_file/<dataset_name>/<dataset_name>_text_out.csv
+    text_csv: str | list[str] = ""  # "" = text_file/<dataset_name>/<dataset_name>_text_out.csv; a list: one per dataset
     keyword: str | None = None  # only for datasets the registry does not know
 
 
@@ -63,6 +63,7 @@ class TrainConfig:
     feature_cache_mb: int = 512  # frozen validation features kept in memory; the rest on disk in the run folder
     run_dir: str = "runs"
     run_name: str = ""  # "" = <dataset_name>_<date-time>
+    select_overall: str = "images"  # several datasets: the best epoch has the best Dice over all images, or over datasets
 
 
 @dataclass
@@ -71,8 +72,17 @@ class Config:
     DATASET: DatasetConfig = field(default_factory=DatasetConfig)
     TRAIN: TrainConfig = field(default_factory=TrainConfig)
 
-    def text_csv(self) -> Path:
-        return Path(self.DATASET.text_csv) if self.DATASET.text_csv else layout.text_csv(self.DATASET.dataset_name)
+    def datasets(self) -> list[str]:
+        """The names of the datasets trained on: one, or several (DATASET.dataset_name a list)."""
+        name = self.DATASET.dataset_name
+        return list(name) if isinstance(name, list) else [name]
+
+    def text_csvs(self) -> dict[str, Path]:
+        """Dataset name -> its text CSV (DATASET.text_csv, in the order of the names, "" = the default)."""
+        given = self.DATASET.text_csv
+        given = given if isinstance(given, list) else [given] * len(self.datasets())
+        return {name: Path(path) if path else layout.text_csv(name) for name, path in zip(self.datasets(), given,
+                                                                                          strict=True)}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -105,7 +115,10 @@ def _check_type(key: str, value, hint):
             return value
         if kind is bool and isinstance(value, bool):
             return value
-    names = " or ".join("null" if k is type(None) else k.__name__ for k in allowed)
+        if typing.get_origin(kind) is list and isinstance(value, list) and all(type(v) is str for v in value):
+            return value
+    names = " or ".join("null" if k is type(None) else "list of str" if typing.get_origin(k) is list else k.__name__
+                        for k in allowed)
     raise CoTexNetError(f"{key}: expected {names}, got {value!r} ({type(value).__name__})")
 
 
@@ -126,11 +139,19 @@ def _all_keys() -> list[str]:
 
 
 def _validate(config: Config) -> None:
-    t, d = config.TRAIN, config.DATASET
+    t, d, names = config.TRAIN, config.DATASET, config.datasets()
     rules = [
         ("MODEL.model_name", config.MODEL.model_name == "CoTexNet", "must be CoTexNet (the only model here)"),
         ("DATASET.num_classes", d.num_classes >= 2, "must be >= 2 (categories + 1 background; binary is 2)"),
-        ("DATASET.dataset_name", bool(d.dataset_name.strip()), "must not be empty"),
+        ("DATASET.dataset_name", bool(names) and all(n.strip() for n in names), "must not be empty"),
+        ("DATASET.dataset_name", len(set(names)) == len(names), "names a dataset twice"),
+        ("DATASET.text_csv", len(d.text_csv) == len(names) if isinstance(d.text_csv, list)
+         else len(names) == 1 or not d.text_csv,
+         f"must be a list of one path per dataset of DATASET.dataset_name ({len(names)}; \"\" = that dataset's "
+         "default), or \"\" for every default"),
+        ("DATASET.keyword", len(names) == 1 or d.keyword is None, "must be null with several datasets (it would "
+         "replace every dataset's keyword): give each its keyword in dataset_config/datasets.yaml"),
+        ("TRAIN.select_overall", t.select_overall in ("images", "datasets"), "must be images or datasets"),
         ("TRAIN.device", t.device in ("auto", "cpu", "cuda"), "must be auto, cpu or cuda"),
         ("TRAIN.input_size", t.input_size >= 32 and t.input_size % 16 == 0, "must be a multiple of 16, at least 32"),
         ("TRAIN.train_data_ratio", 0 < t.train_data_ratio <= 1, "must be in (0, 1]"),

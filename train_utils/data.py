@@ -5,40 +5,61 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 
 from common.errors import CoTexNetError
-from common.io import write_text
-from data_process.layout import split_csv
+from common.io import read_csv, write_text
+from data_process.layout import SPLIT_COLUMNS, SPLITS, split_csv
 from data_process.my_dataset import SegDataset, collate, read_split
 from data_process.registry import get_spec, read_image
 from data_process.transforms import eval_transform, train_transform
 from train_utils.config import Config
 
 
-def split_frame(cfg: Config, split: str):
-    """The rows of `split` for the configured dataset; the training split subsampled by
-    `train_data_ratio` (a seeded random subset, in the split file's order)."""
-    d = cfg.DATASET
-    frame = read_split(split_csv(d.split_dir, split), d.dataset_name)
+def split_frame(cfg: Config, split: str, name: str | None = None):
+    """The rows of `split` for dataset `name` (default: the configured one, or the first of several);
+    the training split subsampled by `train_data_ratio` (a seeded random subset, in the split file's
+    order). Split "all": the three splits that hold the dataset, each image once."""
+    d, name = cfg.DATASET, name or cfg.datasets()[0]
+    if split == "all":
+        return _all_splits(d.split_dir, name)
+    frame = read_split(split_csv(d.split_dir, split), name)
     if split == "train" and cfg.TRAIN.train_data_ratio < 1:
         keep = max(1, round(len(frame) * cfg.TRAIN.train_data_ratio))
         frame = frame.sample(n=keep, random_state=cfg.TRAIN.random_seed).sort_index()
     return frame
 
 
-def dataset(cfg: Config, split: str, tokenizer=None, prompts=None) -> SegDataset:
-    """A split as a SegDataset; the train split gets the random transform and the text."""
-    d, size = cfg.DATASET, cfg.TRAIN.input_size
+def _all_splits(split_dir, name: str) -> pd.DataFrame:
+    # A dataset kept for cross-dataset evaluation often has rows in one split only (test).
+    paths = [split_csv(split_dir, split) for split in SPLITS]
+    frames = [read_split(path, name) for path in paths
+              if path.is_file() and (read_csv(path, SPLIT_COLUMNS)["dataset"] == name).any()]
+    if not frames:
+        raise CoTexNetError(f"{split_dir}: no split CSV ({', '.join(p.name for p in paths)}) has rows for dataset "
+                            f"{name!r}")
+    frame = pd.concat(frames, ignore_index=True).drop_duplicates(["img_name", "mask_name"])
+    clash = frame["img_name"][frame["img_name"].duplicated()].tolist()
+    if clash:
+        raise CoTexNetError(f"{split_dir}: image {clash[0]!r} of {name} is listed with two different masks "
+                            "in different splits")
+    return frame.reset_index(drop=True)
+
+
+def dataset(cfg: Config, split: str, tokenizer=None, prompts=None, name: str | None = None) -> SegDataset:
+    """A split of dataset `name` (default: the configured one) as a SegDataset; the train split gets
+    the random transform and the text."""
+    d, size, name = cfg.DATASET, cfg.TRAIN.input_size, name or cfg.datasets()[0]
     transform = train_transform(size) if split == "train" else eval_transform(size)
-    return SegDataset(d.root_dir, d.dataset_name, split_frame(cfg, split), spec(cfg), transform,
+    return SegDataset(d.root_dir, name, split_frame(cfg, split, name), spec(cfg, name), transform,
                       tokenizer=tokenizer, prompts=prompts)
 
 
-def spec(cfg: Config):
-    return get_spec(cfg.DATASET.dataset_name, cfg.DATASET.keyword)
+def spec(cfg: Config, name: str | None = None):
+    return get_spec(name or cfg.datasets()[0], cfg.DATASET.keyword)
 
 
 def loader(cfg: Config, data, shuffle: bool = False, generator: torch.Generator | None = None,

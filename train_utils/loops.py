@@ -20,11 +20,11 @@ from tqdm.auto import tqdm
 
 from common.errors import CoTexNetError
 from model.feature_cache import FeatureCache
-from train_utils import reporting
+from train_utils import multi, reporting
 from train_utils.config import Config
 from train_utils.early_stopping import EarlyStopping
 from train_utils.inference import labels_at
-from train_utils.metrics import image_metrics, summarize
+from train_utils.metrics import image_metrics
 from train_utils.run_state import save_best, save_last
 
 
@@ -100,7 +100,8 @@ def evaluate(model, loader, accelerator: Accelerator, num_classes: int, class_na
     `cache`: frozen ViT features by image file, reused on later calls (validation every epoch);
     valid because the eval transform is deterministic and CLIP is frozen.
     `keep`: return the first `keep` (image, truth, prediction) of the main process for overlays.
-    Returns (rows, summary, kept); rows hold one dict per image (with its name), from all processes.
+    Returns (rows, summary, kept); rows hold one dict per image (with its name, and its dataset when
+    the loader mixes several), from all processes; the summary of several datasets holds each one's.
     """
     core = accelerator.unwrap_model(model)
     core.eval()
@@ -114,17 +115,19 @@ def evaluate(model, loader, accelerator: Accelerator, num_classes: int, class_na
         else:
             # The cache runs the encoder in float32 and stores float16: outside autocast, whose
             # CPU variant rejects float16 tensors.
-            features = cache.features(core, pixels, [loader.dataset.folder / "images" / n for n in batch["name"]])
+            features = cache.features(core, pixels, multi.image_paths(loader.dataset, batch))
             with accelerator.autocast():
                 output = core.forward_features(features)
         pred = torch.stack(labels_at(output.logits, [labels.shape[-2:]] * len(labels)))
-        batch_rows = [dict(name=name, **m) for name, m in
-                      zip(batch["name"], image_metrics(pred, labels, num_classes, class_names, hd95=hd95), strict=True)]
+        tags = [dict(dataset=part) for part in batch["dataset"]] if "dataset" in batch else [{}] * len(pred)
+        batch_rows = [dict(**tag, name=name, **m) for tag, name, m in
+                      zip(tags, batch["name"], image_metrics(pred, labels, num_classes, class_names, hd95=hd95),
+                          strict=True)]
         # Gathered per batch: accelerate then drops the samples it repeated to even out the last batch.
         rows += accelerator.gather_for_metrics(batch_rows, use_gather_object=True)
         for j in range(min(keep - len(kept), len(pixels))):
             kept.append((reporting.denormalize(pixels[j]), labels[j].cpu().numpy(), pred[j].cpu().numpy()))
-    return rows, summarize(rows), kept
+    return rows, multi.summarize(rows), kept
 
 
 class StopOnRequest:
@@ -165,17 +168,21 @@ def fit(training: Training, start_epoch: int = 0) -> Outcome:
                                                        tr.scheduler, accelerator, epoch, t.print_freq))
             _, val, kept = evaluate(tr.model, tr.val_loader, accelerator, tr.cfg.DATASET.num_classes, tr.class_names,
                                     cache, hd95=False, keep=t.num_overlays, desc=f"epoch {epoch} val")
-            improved = stopper.update(epoch, val["dice"])
-            row.update(val_dice=val["dice"], val_iou=val["iou"], best_dice=stopper.best, time_s=time.time() - began)
+            score = multi.overall(val, t.select_overall)["dice"]
+            improved = stopper.update(epoch, score)
+            row.update(val_dice=val["dice"], val_iou=val["iou"], **multi.log_columns(val), best_dice=stopper.best,
+                       time_s=time.time() - began)
             if main:
                 if improved and t.save_best:
-                    save_best(tr.run, tr.model, accelerator, epoch, val["dice"])
+                    save_best(tr.run, tr.model, accelerator, epoch, score)
                     for k, (image, truth, pred) in enumerate(kept):
                         reporting.write_overlay(tr.run / "overlays" / f"epoch{epoch:04d}_{k}.png", image, truth, pred)
                 tr.log.append(row)
                 tr.log.plot(tr.run / "curves.png")
                 save_last(tr.run, tr.model, tr.optimizer, tr.scheduler, accelerator, stopper, epoch, tr.generator)
-                print(f"epoch {epoch}/{t.epochs}  loss {row['train_loss']:.4f}  val Dice {val['dice']:.4f}  "
+                each = "".join(f"  {key.removeprefix('val_dice_')} {value:.4f}"
+                               for key, value in multi.log_columns(val).items())
+                print(f"epoch {epoch}/{t.epochs}  loss {row['train_loss']:.4f}  val Dice {val['dice']:.4f}{each}  "
                       f"IoU {val['iou']:.4f}  best {stopper.best:.4f} (epoch {stopper.best_epoch})  "
                       f"{row['time_s']:.1f}s", flush=True)
             accelerator.wait_for_everyone()

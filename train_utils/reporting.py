@@ -98,11 +98,14 @@ def write_mask(path: str | Path, labels: np.ndarray, num_classes: int) -> None:
 
 def format_table(results: dict[str, dict], keys=("dice", "iou", "miou", "pixel_acc", "hd95")) -> str:
     """Split -> summary as a text table of mean ± std over images, with the empty-case counts."""
-    header = f"{'split':<8}{'images':>7}" + "".join(f"{k:>18}" for k in keys) + f"{'empty pred':>12}{'hd95 undef':>12}"
+    width = max(8, *(len(split) + 1 for split in results))  # rows such as "test kvasir" of several datasets
+    header = f"{'split':<{width}}{'images':>7}" + "".join(f"{k:>18}" for k in keys) + \
+        f"{'empty pred':>12}{'hd95 undef':>12}"
     lines = [header, "-" * len(header)]
     for split, s in results.items():
         cells = "".join(f"{_cell(s.get(k), s.get(k + '_std')):>18}" for k in keys)
-        lines.append(f"{split:<8}{s['images']:>7}{cells}{s.get('empty_pred', 0):>12}{s.get('hd95_undefined', 0):>12}")
+        lines.append(f"{split:<{width}}{s['images']:>7}{cells}{s.get('empty_pred', 0):>12}"
+                     f"{s.get('hd95_undefined', 0):>12}")
     return "\n".join(lines)
 
 
