@@ -22,7 +22,17 @@ from common.io import write_json
 from data_process.layout import SPLITS
 from data_process.registry import read_image, read_mask
 from train_utils import data, engine, reporting
-from train_utils.metrics import class_names, image_metrics, predict_labels, summarize
+from train_utils.config import PROTOCOLS, apply_protocol
+from train_utils.metrics import (
+    class_names,
+    image_metrics,
+    paper_batch,
+    paper_image_dice,
+    paper_image_stats,
+    paper_summary,
+    predict_labels,
+    summarize,
+)
 
 
 def parse_args(argv):
@@ -32,6 +42,9 @@ def parse_args(argv):
     parser.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint (default: best)")
     parser.add_argument("--clipseg", help="CLIPSeg base folder or hub id, if not the one the run recorded")
     parser.add_argument("--out", help="output folder (default: RUN/eval_<split>)")
+    parser.add_argument("--protocol", choices=PROTOCOLS,
+                        help="read the truth masks as this protocol does (paper: DATASET.binarize paper); "
+                             "default: as the run was trained")
     parser.add_argument("--overlays", type=int, default=8, help="number of overlay pictures (default: 8)")
     return parser.parse_args(argv)
 
@@ -39,6 +52,8 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     cfg, model, extra = engine.load_run(args.run, args.checkpoint, args.clipseg)
+    if args.protocol:
+        cfg = apply_protocol(cfg, args.protocol)
     out = Path(args.out or Path(args.run) / f"eval_{args.split}")
     accelerator = engine.make_accelerator(cfg)
     split = data.dataset(cfg, args.split)
@@ -46,30 +61,39 @@ def main(argv: list[str] | None = None) -> None:
     folder, spec, k = split.folder, data.spec(cfg), cfg.DATASET.num_classes
     names = class_names(k, spec.categories)
     model = model.to(accelerator.device)
-    loader = accelerator.prepare(data.loader(cfg, data.SkipUnreadable(split), collate_fn=data.collate_readable))
+    loader = accelerator.prepare(data.loader(cfg, data.SkipUnreadable(split), collate_fn=data.collate_readable,
+                                             num_processes=accelerator.num_processes))
 
-    rows, unreadable, overlays = [], [], 0
+    rows, unreadable, overlays, paper_batches = [], [], 0, []
     for batch in tqdm(loader, desc=f"evaluate {args.split}", disable=not accelerator.is_main_process):
         # Every process gathers every batch, even one of unreadable images only: a process that
         # skipped a gather would leave the others waiting in it.
         unreadable += accelerator.gather_for_metrics(batch["errors"], use_gather_object=True)
-        batch_rows = []
+        batch_rows, stats = [], []
         if batch["name"]:
             with torch.no_grad(), accelerator.autocast():
                 logits = model(batch["pixel_values"]).logits.float()
         for i, (name, (h, w)) in enumerate(zip(batch["name"], batch["orig_size"], strict=True)):
             # Resize logits (not labels): a smooth upsampling, then the decision at full size.
-            pred = predict_labels(F.interpolate(logits[i : i + 1], size=(int(h), int(w)), mode="bilinear",
-                                                align_corners=False))[0].cpu()
-            truth = torch.from_numpy(read_mask(folder / "masks" / masks_of[name], spec, size=(int(w), int(h))))
+            full = F.interpolate(logits[i : i + 1], size=(int(h), int(w)), mode="bilinear", align_corners=False)
+            pred = predict_labels(full)[0].cpu()
+            truth = torch.from_numpy(read_mask(folder / "masks" / masks_of[name], spec, size=(int(w), int(h)),
+                                               binarize=cfg.DATASET.binarize))
             batch_rows.append(dict(name=name, **image_metrics(pred[None], truth[None], k, names)[0]))
+            if k == 2:  # the paper's figures, from this image's probabilities at its size
+                stats.append(paper_image_stats(torch.sigmoid(full), truth[None])[0])
+                batch_rows[-1]["paper_dice"] = paper_image_dice(stats[-1])
             stem = Path(name).stem
             reporting.write_mask(out / "masks" / f"{stem}.png", pred.numpy(), k)
             if accelerator.is_main_process and overlays < args.overlays:
                 image = read_image(folder / "images" / name)
                 reporting.write_overlay(out / "overlays" / f"{stem}.png", image, truth.numpy(), pred.numpy())
                 overlays += 1
-        rows += accelerator.gather_for_metrics(batch_rows, use_gather_object=True)
+        gathered = accelerator.gather_for_metrics(list(zip(batch_rows, stats or [None] * len(batch_rows), strict=True)),
+                                                  use_gather_object=True)
+        rows += [row for row, _ in gathered]
+        if k == 2 and any(stat for _, stat in gathered):
+            paper_batches.append(paper_batch([stat for _, stat in gathered if stat]))
     # Unreadable images leave the batches uneven, so accelerate's trimming of the samples it
     # repeated to even out the last batch can miss one: each image counts once, by name.
     rows = list({row["name"]: row for row in rows}.values())
@@ -77,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if accelerator.is_main_process:
         data.report_unreadable(unreadable, out / "unreadable.txt")
-        summary = summarize(rows)
+        summary = {**summarize(rows), **paper_summary(paper_batches)}
         write_json(out / "metrics.json", dict(run=str(args.run), checkpoint=args.checkpoint, epoch=extra.get("epoch"),
                                               split=args.split, resolution="original", **summary))
         reporting.write_csv(out / "per_image.csv", rows)

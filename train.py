@@ -3,6 +3,7 @@
   python train.py                                   # dataset_config/train_config.yaml
   python train.py --config my.yaml TRAIN.epochs=50 DATASET.dataset_name=clinicdb
   python train.py --resume runs/kvasir_20260101-120000   # continue where it stopped
+  python train.py --protocol paper                  # the paper's protocol: every switch at its value
   accelerate launch --num_processes 4 train.py ...  # several GPUs (or nodes)
 
 Everything goes to runs/<name>/: config.yaml (resolved), log.csv (one row per epoch),
@@ -27,7 +28,7 @@ from llava_inference.text_to_csv import load_prompts
 from model.checkpoint import load_checkpoint
 from model.CoTexNet import CoTexNet
 from train_utils import data, engine, reporting
-from train_utils.config import load_config
+from train_utils.config import PROTOCOLS, load_config
 from train_utils.losses import CoTexNetLoss
 from train_utils.metrics import class_names
 
@@ -39,6 +40,9 @@ def parse_args(argv):
     parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default: {DEFAULT_CONFIG})")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue this run with its saved config and state "
                         "(a run stopped before its first last/ checkpoint starts over from epoch 1)")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="ours",
+                        help="paper: set every switch of the README's 'What differs' table to the paper's value, "
+                             "on top of the config and the overrides (default: ours)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. TRAIN.epochs=5")
     return parser.parse_args(argv)
 
@@ -85,8 +89,8 @@ def load_tokenizer(name: str):
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.resume:
-        if args.overrides:
-            raise CoTexNetError("--resume continues a run with its saved config; overrides are not allowed")
+        if args.overrides or args.protocol != "ours":
+            raise CoTexNetError("--resume continues a run with its saved config; overrides and --protocol are not allowed")
         if not (Path(args.resume) / "config.yaml").is_file():
             raise CoTexNetError(f"--resume {args.resume}: not a run folder of train.py (no config.yaml)")
         cfg = load_config(Path(args.resume) / "config.yaml")
@@ -95,13 +99,14 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{args.resume}: no last/ checkpoint (stopped during its first epoch): starting over from "
                   "epoch 1 with its config.yaml")
     else:
-        cfg, state = load_config(args.config, args.overrides), None
+        cfg, state = load_config(args.config, args.overrides, args.protocol), None
     # Checked before the run folder is made: a wrong setting leaves nothing behind.
     spec = data.spec(cfg)
     check_num_classes(cfg, spec)
     tokenizer = load_tokenizer(cfg.MODEL.clipseg_hf_api)
     run = run_folder(cfg, args.resume)
     accelerator = engine.make_accelerator(cfg)
+    data.process_batch_size(cfg, accelerator.num_processes)  # refused before anything is written
     main_process = accelerator.is_main_process
     if main_process:
         print(cfg.to_yaml())
@@ -114,15 +119,17 @@ def main(argv: list[str] | None = None) -> None:
     train_set = data.dataset(cfg, "train", tokenizer, prompts)
     val_set, test_set = data.dataset(cfg, "val"), data.dataset(cfg, "test")
     generator = torch.Generator().manual_seed(cfg.TRAIN.random_seed)
-    train_loader = data.loader(cfg, train_set, shuffle=True, generator=generator)
-    val_loader, test_loader = data.loader(cfg, val_set), data.loader(cfg, test_set)
+    processes = accelerator.num_processes
+    train_loader = data.loader(cfg, train_set, shuffle=True, generator=generator, num_processes=processes)
+    val_loader, test_loader = (data.loader(cfg, val_set, num_processes=processes),
+                               data.loader(cfg, test_set, num_processes=processes))
 
     # Model, loss, optimizer, schedule (restored from last/ when resuming).
     if state is None:
         model = CoTexNet.from_clipseg(cfg.MODEL.clipseg_hf_api, cfg.DATASET.num_classes)
     else:
         model, _ = load_checkpoint(run / "last", num_classes=cfg.DATASET.num_classes)
-    criterion = CoTexNetLoss(cfg.DATASET.num_classes, cfg.TRAIN.seg_weight, cfg.TRAIN.kl_weight)
+    criterion = CoTexNetLoss(cfg.DATASET.num_classes, cfg.TRAIN.seg_weight, cfg.TRAIN.kl_weight, cfg.TRAIN.loss_input)
     optimizer = engine.build_optimizer(model, cfg)
     scheduler = engine.build_scheduler(optimizer, cfg, len(train_loader))
     if state is not None:
@@ -138,7 +145,11 @@ def main(argv: list[str] | None = None) -> None:
         raise KeyboardInterrupt
 
     # Final evaluation of the best checkpoint (or the last weights when TRAIN.save_best is false).
-    if cfg.TRAIN.save_best:
+    best = cfg.TRAIN.save_best and (run / "best").is_dir()
+    if cfg.TRAIN.save_best and not best and main_process:
+        # The paper's rule keeps an epoch only above 0: a run whose score stayed 0 has no best.
+        print(f"warning: no epoch scored {cfg.TRAIN.select_metric} above 0, so there is no best/: testing the last weights")
+    if best:
         model, extra = load_checkpoint(run / "best")
         model.to(accelerator.device)
     results, per_image = {}, {}
@@ -146,8 +157,9 @@ def main(argv: list[str] | None = None) -> None:
         per_image[split], results[split], _ = engine.evaluate(model, split_loader, accelerator,
                                                               cfg.DATASET.num_classes, names, desc=split)
     if main_process:
-        best_epoch = extra["epoch"] if cfg.TRAIN.save_best else None
-        write_json(run / "metrics.json", dict(best_epoch=best_epoch, resolution=cfg.TRAIN.input_size, **results))
+        best_epoch = extra["epoch"] if best else None
+        write_json(run / "metrics.json", dict(best_epoch=best_epoch, select_metric=cfg.TRAIN.select_metric,
+                                              resolution=cfg.TRAIN.input_size, **results))
         reporting.write_csv(run / "test_per_image.csv", per_image["test"])
         print(f"\nbest epoch: {best_epoch}  (metrics at {cfg.TRAIN.input_size}x{cfg.TRAIN.input_size}; "
               f"evaluate.py gives them at the original image size)")

@@ -30,7 +30,16 @@ from model.feature_cache import FeatureCache
 from train_utils import reporting
 from train_utils.config import Config, load_config
 from train_utils.early_stopping import EarlyStopping
-from train_utils.metrics import image_metrics, predict_labels, summarize
+from train_utils.metrics import (
+    PAPER_KEYS,
+    image_metrics,
+    paper_batch,
+    paper_image_dice,
+    paper_image_stats,
+    paper_summary,
+    predict_labels,
+    summarize,
+)
 
 STATE_FILE = "training_state.pt"
 
@@ -108,10 +117,12 @@ def evaluate(model, loader, accelerator: Accelerator, num_classes: int, class_na
     valid because the eval transform is deterministic and CLIP is frozen.
     `keep`: return the first `keep` (image, truth, prediction) of the main process for overlays.
     Returns (rows, summary, kept); rows hold one dict per image (with its name), from all processes.
+    Binary: rows and summary also hold the paper's figures (`paper_*`), each batch being the
+    images of one step over all processes.
     """
     core = accelerator.unwrap_model(model)
     core.eval()
-    rows, kept = [], []
+    rows, kept, paper_batches = [], [], []
     bar = tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_main_process)
     for batch in bar:
         pixels, labels = batch["pixel_values"], batch["label"]
@@ -130,11 +141,15 @@ def evaluate(model, loader, accelerator: Accelerator, num_classes: int, class_na
         pred = predict_labels(logits)
         batch_rows = [dict(name=name, **m) for name, m in
                       zip(batch["name"], image_metrics(pred, labels, num_classes, class_names, hd95=hd95), strict=True)]
+        stats = paper_image_stats(torch.sigmoid(logits), labels) if num_classes == 2 else [None] * len(batch_rows)
         # Gathered per batch: accelerate then drops the samples it repeated to even out the last batch.
-        rows += accelerator.gather_for_metrics(batch_rows, use_gather_object=True)
+        gathered = accelerator.gather_for_metrics(list(zip(batch_rows, stats, strict=True)), use_gather_object=True)
+        rows += [dict(row, paper_dice=paper_image_dice(stat)) if stat else row for row, stat in gathered]
+        if num_classes == 2:
+            paper_batches.append(paper_batch([stat for _, stat in gathered]))
         for j in range(min(keep - len(kept), len(pixels))):
             kept.append((reporting.denormalize(pixels[j]), labels[j].cpu().numpy(), pred[j].cpu().numpy()))
-    return rows, summarize(rows), kept
+    return rows, {**summarize(rows), **paper_summary(paper_batches)}, kept
 
 
 def rng_state(generator: torch.Generator) -> dict:
@@ -232,7 +247,7 @@ def fit(cfg: Config, run: Path, accelerator: Accelerator, model, criterion, opti
         train_loader, val_loader, generator: torch.Generator, state: dict | None, class_names=None) -> bool:
     """Train from epoch 1, or from `state` (a resumed run). Returns False when stopped by Ctrl-C."""
     t, main = cfg.TRAIN, accelerator.is_main_process
-    stopper = EarlyStopping(t.patience, t.epochs)
+    stopper = EarlyStopping(t.patience, t.epochs, t.early_stopping)
     start = 0
     if state is not None:
         stopper.load_state_dict(state["early_stopping"])
@@ -253,26 +268,30 @@ def fit(cfg: Config, run: Path, accelerator: Accelerator, model, criterion, opti
                                                        accelerator, epoch, t.print_freq))
             _, val, kept = evaluate(model, val_loader, accelerator, cfg.DATASET.num_classes, class_names, cache,
                                     hd95=False, keep=t.num_overlays, desc=f"epoch {epoch} val")
-            improved = stopper.update(epoch, val["dice"])
-            row.update(val_dice=val["dice"], val_iou=val["iou"], best_dice=stopper.best, time_s=time.time() - began)
+            improved = stopper.update(epoch, val[t.select_metric])
+            row.update(val_dice=val["dice"], val_iou=val["iou"], **{f"val_{k}": val[k] for k in PAPER_KEYS if k in val},
+                       **{f"best_{t.select_metric}": stopper.best}, time_s=time.time() - began)
             if main:
                 if improved and t.save_best:
-                    save_checkpoint(accelerator.unwrap_model(model), run / "best", dict(epoch=epoch, val_dice=val["dice"]))
+                    save_checkpoint(accelerator.unwrap_model(model), run / "best",
+                                    {"epoch": epoch, f"val_{t.select_metric}": val[t.select_metric]})
                     for k, (image, truth, pred) in enumerate(kept):
                         reporting.write_overlay(run / "overlays" / f"epoch{epoch:04d}_{k}.png", image, truth, pred)
                 log.append(row)
                 log.plot(run / "curves.png")
                 save_last(run, model, optimizer, scheduler, accelerator, stopper, epoch, generator)
+                paper = f"paper_dice {val['paper_dice']:.4f}  " if "paper_dice" in val else ""
                 print(f"epoch {epoch}/{t.epochs}  loss {row['train_loss']:.4f}  val Dice {val['dice']:.4f}  "
-                      f"IoU {val['iou']:.4f}  best {stopper.best:.4f} (epoch {stopper.best_epoch})  "
-                      f"{row['time_s']:.1f}s", flush=True)
+                      f"IoU {val['iou']:.4f}  {paper}best {t.select_metric} {stopper.best:.4f} "
+                      f"(epoch {stopper.best_epoch})  {row['time_s']:.1f}s", flush=True)
             accelerator.wait_for_everyone()
             # Every process must agree to stop, or the others would wait for it forever.
             flag = torch.tensor(float(interrupt.requested), device=accelerator.device)
             if accelerator.reduce(flag, "sum").item() > 0:
                 return False
     if main and stopper.should_stop:
-        print(f"early stop: no better validation Dice for {t.patience} epochs after epoch {stopper.grace}")
+        print(f"early stop ({t.early_stopping} rule on {t.select_metric}): {t.patience} epochs without "
+              f"improvement after epoch {stopper.grace}")
     return True
 
 
