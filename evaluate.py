@@ -5,7 +5,8 @@
 The prediction (made at the training input size) is resized back to each image's own size
 before the metrics, so the figures compare with work that evaluates at full resolution.
 Writes to RUN_DIR/eval_<split>/ (or --out): masks/<image stem>.png, overlays/ (the first
---overlays images: image | truth | prediction), per_image.csv and metrics.json.
+--overlays images: image | truth | prediction), per_image.csv and metrics.json. Binary runs
+also get the paper's figures (paper_dice, ...: soft Dice on probabilities, means over batches).
 """
 
 from __future__ import annotations

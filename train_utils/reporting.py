@@ -38,14 +38,16 @@ class EpochLog:
         write_csv(self.path, self.rows)
 
     def plot(self, path: str | Path) -> None:
-        """curves.png: losses, validation Dice/IoU and the learning rate against the epoch."""
+        """curves.png: losses, validation Dice/IoU (and the paper's soft Dice) and the learning rate
+        against the epoch."""
         log = pd.DataFrame(self.rows)
         fig, axes = plt.subplots(1, 3, figsize=(15, 4))
         for key in ("train_loss", "train_seg", "train_kl"):
             axes[0].plot(log["epoch"], log[key], label=key)
         axes[0].set_yscale("log")
-        for key in ("val_dice", "val_iou"):
-            axes[1].plot(log["epoch"], log[key], label=key)
+        for key in ("val_dice", "val_iou", "val_paper_dice"):
+            if key in log:  # val_paper_dice: binary runs
+                axes[1].plot(log["epoch"], log[key], label=key)
         axes[1].set_ylim(0, 1)
         axes[2].plot(log["epoch"], log["lr"], label="lr (end of epoch)")
         for ax, title in zip(axes, ("training losses", "validation", "learning rate"), strict=True):
