@@ -7,7 +7,8 @@ The prediction (made at the training input size) is resized back to each image's
 before the metrics, so the figures compare with work that evaluates at full resolution.
 Writes to RUN_DIR/eval_<split>/ (another dataset: RUN_DIR/eval_<dataset>_<split>/; or --out):
 masks/<image stem>.png, overlays/ (the first --overlays images: image | truth | prediction),
-per_image.csv and metrics.json. Evaluation uses the images only: another dataset needs no text.
+per_image.csv and metrics.json. Evaluation uses the images only: another dataset needs no text. Binary runs
+also get the paper's figures (paper_dice, ...: soft Dice on probabilities, means over batches).
 """
 
 from __future__ import annotations
@@ -24,8 +25,17 @@ from common.io import write_json
 from data_process.layout import SPLITS
 from data_process.registry import get_spec, read_image, read_mask
 from train_utils import data, reporting
+from train_utils.config import PROTOCOLS, apply_protocol
 from train_utils.inference import predict_batches
-from train_utils.metrics import class_names, image_metrics, summarize
+from train_utils.metrics import (
+    class_names,
+    image_metrics,
+    paper_batch,
+    paper_image_dice,
+    paper_image_stats,
+    paper_summary,
+    summarize,
+)
 from train_utils.precision import make_accelerator
 from train_utils.run_state import load_run
 
@@ -45,6 +55,9 @@ def parse_args(argv):
     parser.add_argument("--clipseg", help="CLIPSeg base folder or hub id, if not the one the run recorded")
     parser.add_argument("--out", help="output folder (default: RUN/eval_<split>, another dataset: "
                         "RUN/eval_<dataset>_<split>)")
+    parser.add_argument("--protocol", choices=PROTOCOLS,
+                        help="read the truth masks as this protocol does (paper: DATASET.binarize paper); "
+                             "default: as the run was trained")
     parser.add_argument("--overlays", type=int, default=8, help="number of overlay pictures (default: 8)")
     return parser.parse_args(argv)
 
@@ -74,6 +87,8 @@ def target(cfg, args):
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     cfg, model, extra = load_run(args.run, args.checkpoint, args.clipseg)
+    if args.protocol:
+        cfg = apply_protocol(cfg, args.protocol)
     cfg, folder_name = target(cfg, args)
     out = Path(args.out or Path(args.run) / folder_name)
     accelerator = make_accelerator(cfg)
@@ -82,26 +97,34 @@ def main(argv: list[str] | None = None) -> None:
     folder, spec, k = split.folder, data.spec(cfg), cfg.DATASET.num_classes
     names = class_names(k, spec.categories)
     model = model.to(accelerator.device)
-    loader = accelerator.prepare(data.readable_loader(cfg, split))
+    loader = accelerator.prepare(data.readable_loader(cfg, split, num_processes=accelerator.num_processes))
 
-    rows, unreadable, overlays = [], [], 0
+    rows, unreadable, overlays, paper_batches = [], [], 0, []
     batches = tqdm(loader, desc=f"evaluate {args.split}", disable=not accelerator.is_main_process)
-    for batch, preds in predict_batches(model, batches, accelerator):
+    for batch, preds, logits in predict_batches(model, batches, accelerator):
         # Every process gathers every batch, even one of unreadable images only: a process that
         # skipped a gather would leave the others waiting in it.
         unreadable += accelerator.gather_for_metrics(batch["errors"], use_gather_object=True)
-        batch_rows = []
-        for name, pred in zip(batch["name"], preds, strict=True):
+        batch_rows, stats = [], []
+        for name, pred, full in zip(batch["name"], preds, logits, strict=True):
             h, w = pred.shape
-            truth = torch.from_numpy(read_mask(folder / "masks" / masks_of[name], spec, size=(w, h)))
+            truth = torch.from_numpy(read_mask(folder / "masks" / masks_of[name], spec, size=(w, h),
+                                               binarize=cfg.DATASET.binarize))
             batch_rows.append(dict(name=name, **image_metrics(pred[None], truth[None], k, names)[0]))
+            if k == 2:  # the paper's figures, from this image's probabilities at its size
+                stats.append(paper_image_stats(torch.sigmoid(full), truth[None])[0])
+                batch_rows[-1]["paper_dice"] = paper_image_dice(stats[-1])
             stem = Path(name).stem
             reporting.write_mask(out / "masks" / f"{stem}.png", pred.numpy(), k)
             if accelerator.is_main_process and overlays < args.overlays:
                 image = read_image(folder / "images" / name)
                 reporting.write_overlay(out / "overlays" / f"{stem}.png", image, truth.numpy(), pred.numpy())
                 overlays += 1
-        rows += accelerator.gather_for_metrics(batch_rows, use_gather_object=True)
+        gathered = accelerator.gather_for_metrics(list(zip(batch_rows, stats or [None] * len(batch_rows), strict=True)),
+                                                  use_gather_object=True)
+        rows += [row for row, _ in gathered]
+        if k == 2 and any(stat for _, stat in gathered):
+            paper_batches.append(paper_batch([stat for _, stat in gathered if stat]))
     # Unreadable images leave the batches uneven, so accelerate's trimming of the samples it
     # repeated to even out the last batch can miss one: each image counts once, by name.
     rows = list({row["name"]: row for row in rows}.values())
@@ -109,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if accelerator.is_main_process:
         data.report_unreadable(unreadable, out / "unreadable.txt")
-        summary = summarize(rows)
+        summary = {**summarize(rows), **paper_summary(paper_batches)}
         write_json(out / "metrics.json", dict(run=str(args.run), checkpoint=args.checkpoint, epoch=extra.get("epoch"),
                                               dataset=cfg.DATASET.dataset_name, split=args.split,
                                               resolution="original", **summary))

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     loader = data.readable_loader(cfg, data.ImageFiles(files, cfg.TRAIN.input_size))
 
     written, unreadable = 0, []
-    for batch, preds in predict_batches(model, tqdm(loader, desc="predict", unit="batch"), accelerator):
+    for batch, preds, _ in predict_batches(model, tqdm(loader, desc="predict", unit="batch"), accelerator):
         unreadable += batch["errors"]
         for name, pred in zip(batch["name"], preds, strict=True):
             stem = Path(name).stem

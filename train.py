@@ -3,6 +3,7 @@
   python train.py                                   # dataset_config/train_config.yaml
   python train.py --config my.yaml TRAIN.epochs=50 DATASET.dataset_name=clinicdb
   python train.py --resume runs/kvasir_20260101-120000   # continue where it stopped
+  python train.py --protocol paper                  # the paper's protocol: every switch at its value
   accelerate launch --num_processes 4 train.py ...  # several GPUs (or nodes)
 
 Everything goes to runs/<name>/: config.yaml (resolved), log.csv (one row per epoch),
@@ -29,7 +30,7 @@ from data_process.registry import REGISTRY_FILE, known_datasets
 from model.checkpoint import load_checkpoint
 from model.CoTexNet import CoTexNet
 from train_utils import data, multi, reporting, run_state
-from train_utils.config import load_config
+from train_utils.config import PROTOCOLS, load_config
 from train_utils.loops import Outcome, Training, evaluate, fit
 from train_utils.losses import CoTexNetLoss
 from train_utils.metrics import class_names
@@ -44,6 +45,9 @@ def parse_args(argv):
     parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default: {DEFAULT_CONFIG})")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue this run with its saved config and state "
                         "(a run stopped before its first last/ checkpoint starts over from epoch 1)")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="ours",
+                        help="paper: set every switch of the README's 'What differs' table to the paper's value, "
+                             "on top of the config and the overrides (default: ours)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. TRAIN.epochs=5")
     return parser.parse_args(argv)
 
@@ -91,15 +95,17 @@ def load_tokenizer(name: str):
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.resume and args.overrides:
-        raise CoTexNetError("--resume continues a run with its saved config; overrides are not allowed")
-    cfg = run_state.run_config(args.resume) if args.resume else load_config(args.config, args.overrides)
+    if args.resume and (args.overrides or args.protocol != "ours"):
+        raise CoTexNetError("--resume continues a run with its saved config; overrides and --protocol are not allowed")
+    cfg = (run_state.run_config(args.resume) if args.resume
+           else load_config(args.config, args.overrides, args.protocol))
     # Everything is checked before the run folder is written: a wrong setting leaves nothing behind.
     spec = multi.specs(cfg)[cfg.datasets()[0]]  # several datasets: checked to share their classes
     check_num_classes(cfg, spec)
     tokenizer = load_tokenizer(cfg.MODEL.clipseg_hf_api)
     run = run_folder(cfg, args.resume)
     accelerator = make_accelerator(cfg)
+    data.process_batch_size(cfg, accelerator.num_processes)  # a batch that does not divide is refused here
     main_process = accelerator.is_main_process
     set_seed(cfg.TRAIN.random_seed)  # the same on every process: they draw the same shuffles
 
@@ -109,12 +115,15 @@ def main(argv: list[str] | None = None) -> None:
     train_set = multi.split_set(cfg, "train", tokenizer)
     val_set, test_set = multi.split_set(cfg, "val"), multi.split_set(cfg, "test")
     generator = torch.Generator().manual_seed(cfg.TRAIN.random_seed)
-    train_loader = data.loader(cfg, train_set, shuffle=True, generator=generator)
-    val_loader, test_loader = data.loader(cfg, val_set), data.loader(cfg, test_set)
+    processes = accelerator.num_processes
+    train_loader = data.loader(cfg, train_set, shuffle=True, generator=generator, num_processes=processes)
+    val_loader, test_loader = (data.loader(cfg, val_set, num_processes=processes),
+                               data.loader(cfg, test_set, num_processes=processes))
 
     # Model, loss, optimizer, schedule; a resumed run restores them, and the rest, from its last/.
     model = CoTexNet.from_clipseg(cfg.MODEL.clipseg_hf_api, cfg.DATASET.num_classes)
-    criterion = CoTexNetLoss(cfg.DATASET.num_classes, cfg.TRAIN.seg_weight, cfg.TRAIN.kl_weight)
+    criterion = CoTexNetLoss(cfg.DATASET.num_classes, cfg.TRAIN.seg_weight, cfg.TRAIN.kl_weight,
+                             cfg.TRAIN.loss_input)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, len(train_loader))
     model, optimizer, train_loader, val_loader, test_loader, scheduler = accelerator.prepare(
@@ -132,7 +141,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(EXIT_INTERRUPTED)
 
     # Final evaluation of the best checkpoint (or the last weights when TRAIN.save_best is false).
-    if cfg.TRAIN.save_best:
+    best = cfg.TRAIN.save_best and (run / "best").is_dir()
+    if cfg.TRAIN.save_best and not best and main_process:
+        # The paper's rule keeps an epoch only above 0: a run whose score stayed 0 has no best.
+        print(f"warning: no epoch scored {cfg.TRAIN.select_metric} above 0, so there is no best/: testing the last weights")
+    if best:
         model, extra = load_checkpoint(run / "best")
         model.to(accelerator.device)
     results, per_image = {}, {}
@@ -140,10 +153,10 @@ def main(argv: list[str] | None = None) -> None:
         per_image[split], results[split], _ = evaluate(model, split_loader, accelerator, cfg.DATASET.num_classes,
                                                        names, desc=split)
     if main_process:
-        best_epoch = extra["epoch"] if cfg.TRAIN.save_best else None
+        best_epoch = extra["epoch"] if best else None
         several = dict(datasets=cfg.datasets(), select_overall=cfg.TRAIN.select_overall) if multi.is_multi(cfg) else {}
-        write_json(run / "metrics.json", dict(best_epoch=best_epoch, resolution=cfg.TRAIN.input_size, **several,
-                                              **results))
+        write_json(run / "metrics.json", dict(best_epoch=best_epoch, select_metric=cfg.TRAIN.select_metric,
+                                              resolution=cfg.TRAIN.input_size, **several, **results))
         reporting.write_csv(run / "test_per_image.csv", per_image["test"])
         print(f"\nbest epoch: {best_epoch}  (metrics at {cfg.TRAIN.input_size}x{cfg.TRAIN.input_size}; "
               f"evaluate.py gives them at the original image size)")

@@ -21,7 +21,7 @@ from torchvision import tv_tensors
 from common.errors import CoTexNetError
 from common.io import read_csv
 from data_process.layout import SPLIT_COLUMNS, stem
-from data_process.registry import DatasetSpec, category_files, read_image, read_mask
+from data_process.registry import DatasetSpec, category_files, get_spec, read_image, read_mask
 
 SHOW = 5  # names listed in errors
 
@@ -29,9 +29,16 @@ SHOW = 5  # names listed in errors
 def read_split(csv_path, dataset_name: str) -> pd.DataFrame:
     """The rows of split CSV `csv_path` for `dataset_name` (columns dataset, img_name, mask_name).
 
+    Rows named by an alias of the dataset in the registry (the paper's published Kvasir
+    val_data.csv says kvasir_polyp) count as the dataset's, with one warning line.
     Repeated rows are dropped with a warning; one image listed with two masks is an error."""
     csv_path = Path(csv_path)
     table = read_csv(csv_path, SPLIT_COLUMNS, missing_hint="make it with data_process/make_splits.py")
+    aliases = [alias for alias in get_spec(dataset_name).aliases if (table["dataset"] == alias).any()]
+    if aliases:
+        print(f"warning: {csv_path}: rows named {', '.join(map(repr, aliases))} read as {dataset_name!r} "
+              "(an alias in dataset_config/datasets.yaml)", file=sys.stderr)
+        table = table.assign(dataset=table["dataset"].replace(dict.fromkeys(aliases, dataset_name)))
     rows = table[table["dataset"] == dataset_name]
     if rows.empty:
         held = sorted(set(table["dataset"]))
@@ -50,8 +57,9 @@ def read_split(csv_path, dataset_name: str) -> pd.DataFrame:
 
 class SegDataset(torch.utils.data.Dataset):
     def __init__(self, root, dataset_name: str, split_df: pd.DataFrame, spec: DatasetSpec, transform,
-                 tokenizer=None, prompts: dict[str, str] | None = None, max_length: int = 77):
-        self.folder = Path(root) / dataset_name
+                 tokenizer=None, prompts: dict[str, str] | None = None, max_length: int = 77,
+                 binarize: str = "registry"):
+        self.folder, self.binarize = Path(root) / dataset_name, binarize
         self.rows = list(zip(split_df["img_name"], split_df["mask_name"], strict=True))
         self.spec, self.transform = spec, transform
         self._check_files_exist(dataset_name)
@@ -94,7 +102,7 @@ class SegDataset(torch.utils.data.Dataset):
         image_name, mask_name = self.rows[index]
         image = read_image(self.folder / "images" / image_name)
         h, w = image.shape[:2]
-        label = read_mask(self.folder / "masks" / mask_name, self.spec, size=(w, h))
+        label = read_mask(self.folder / "masks" / mask_name, self.spec, size=(w, h), binarize=self.binarize)
         pixels, label = self.transform(tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1)),
                                        tv_tensors.Mask(torch.from_numpy(label)))
         pixels, label = pixels.as_subclass(torch.Tensor), label.as_subclass(torch.Tensor).long()

@@ -19,15 +19,27 @@ from pathlib import Path, PurePosixPath
 import cv2
 import numpy as np
 import yaml
-from PIL import Image
+from PIL import Image, ImageOps
 
 from common.errors import CoTexNetError
 from data_process import layout
 
 REGISTRY_FILE = Path(__file__).resolve().parents[1] / "dataset_config" / "datasets.yaml"
 SHOW = 5  # names listed in warnings
-# Pillow modes numpy cannot take as they are: bits, gray + alpha, 16-bit variants.
-_PLAIN_MODES = {"1": "L", "LA": "L", "I;16": "I", "I;16L": "I", "I;16B": "I", "I;16N": "I"}
+# Pillow modes numpy cannot take as they are: bits, 16-bit variants.
+_PLAIN_MODES = {"1": "L", "I;16": "I", "I;16L": "I", "I;16B": "I", "I;16N": "I"}
+# Modes read as they are; any other colour model (CMYK, YCbCr, LAB, HSV) is converted (images) or refused (masks).
+_KNOWN_MODES = {"L", "LA", "I", "F", "P", "PA", "RGB", "RGBA", "RGBX"}
+BINARIZE = ("registry", "paper")
+_warned: set[tuple[str, str]] = set()
+
+
+def warn_once(path, what: str) -> None:
+    """One warning line naming the file, once per file and message in a process (a Dataset reads
+    every file each epoch)."""
+    if (str(path), what) not in _warned:
+        _warned.add((str(path), what))
+        print(f"warning: {path}: {what}", file=sys.stderr)
 
 
 @dataclass(frozen=True)
@@ -41,6 +53,8 @@ class DatasetSpec:
     mask_prefix: str = ""
     categories: tuple[str, ...] = ()
     mask_layout: str = "single"
+    mask_threshold: int = 128  # binary masks: foreground = brightest channel >= this (0/1 masks: 1)
+    aliases: tuple[str, ...] = ()  # other names of the dataset in split files (the paper's "kvasir_polyp")
 
     @property
     def num_classes(self) -> int:
@@ -70,6 +84,7 @@ def get_spec(name: str, keyword: str | None = None) -> DatasetSpec:
     entries = {key.lower(): value for key, value in registry["datasets"].items()}
     fields = {**registry["defaults"], **(entries.get(name.lower()) or {})}
     fields["categories"] = tuple(fields.get("categories") or ())
+    fields["aliases"] = tuple(str(alias) for alias in fields.get("aliases") or ())
     if keyword:
         words = tuple(word.strip() for word in keyword.split(","))
         if fields["categories"]:
@@ -89,30 +104,57 @@ def get_spec(name: str, keyword: str | None = None) -> DatasetSpec:
     if fields.get("mask_layout") == "per_category" and (fields["mask_encoding"] != "binary" or not fields["categories"]):
         raise CoTexNetError(f"{REGISTRY_FILE}: {name}: mask_layout per_category needs categories "
                             "and mask_encoding binary (each file is one category's binary mask)")
+    if not isinstance(fields.get("mask_threshold", 128), int) or not 1 <= fields.get("mask_threshold", 128) <= 255:
+        raise CoTexNetError(f"{REGISTRY_FILE}: {name}: mask_threshold must be an integer 1..255")
     fields = {key: ("" if value is None else value) for key, value in fields.items()}
     return DatasetSpec(name=name, **fields)
 
 
-def _decode(path, palette_as_rgb: bool) -> np.ndarray:
-    """The pixel array of an image file; palettes stay indices unless `palette_as_rgb`."""
+def _open(path, what: str) -> Image.Image:
+    """The decoded file, turned as its EXIF orientation says (as viewers show it; said once),
+    with 16-bit-per-channel colour noted (Pillow keeps the high byte of each value)."""
     try:
         with Image.open(path) as image:
+            deep = any(";16" in str(tile.args) for tile in image.tile) and image.mode in ("RGB", "RGBA")
             image.load()  # decode now: a truncated file fails here, naming itself
-            mode = _PLAIN_MODES.get(image.mode, image.mode)
-            if palette_as_rgb and mode not in ("L", "RGB", "RGBA", "I", "F"):
-                mode = "RGB"
-            if mode != image.mode:
-                image = image.convert(mode)
-            return np.array(image)  # a writable copy (torch.from_numpy needs one)
+            orientation = image.getexif().get(0x0112, 1)
+            if orientation not in (1, None):
+                image = ImageOps.exif_transpose(image)
+                warn_once(path, f"EXIF orientation {orientation}: {what} turned as viewers show it")
+            if deep:
+                warn_once(path, f"16 bits per colour channel: {what} read at 8 bits (the high byte of each value)")
+            return image
     except FileNotFoundError as err:
         raise CoTexNetError(f"{path}: no such file") from err
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise CoTexNetError(f"{path}: unreadable or truncated image ({err})") from err
 
 
+def _alpha(image: Image.Image) -> np.ndarray | None:
+    """The alpha channel when some pixel is not opaque (palette transparency included), else None."""
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode not in ("RGBA", "LA", "PA"):
+        return None
+    alpha = np.array(image.getchannel("A"))
+    return alpha if alpha.min() < 255 else None
+
+
 def read_image(path) -> np.ndarray:
-    """HxWx3 uint8 RGB from any common format: gray, palette, RGBA (alpha dropped), 16-bit."""
-    array = _decode(path, palette_as_rgb=True)
+    """HxWx3 uint8 RGB from any common format: gray, palette, RGBA (alpha dropped), 16-bit.
+
+    Said once per file: EXIF orientation (applied), colour models other than RGB, grey and
+    palette (converted by Pillow), 16-bit colour (read at 8 bits), transparency (dropped)."""
+    image = _open(path, "image")
+    if image.mode not in _KNOWN_MODES | set(_PLAIN_MODES):
+        warn_once(path, f"{image.mode} colour model: converted to RGB by Pillow (check its colours)")
+        image = image.convert("RGB")
+    if _alpha(image) is not None:
+        warn_once(path, "transparent pixels: alpha dropped, their colours read as stored")
+    mode = _PLAIN_MODES.get(image.mode, image.mode)
+    if mode not in ("L", "RGB", "RGBA", "I", "F"):
+        mode = "RGB"
+    array = np.array(image.convert(mode) if mode != image.mode else image)
     if array.dtype != np.uint8:
         # 16-bit and float images often fill only part of their range (12-bit scanners): stretch.
         array = array.astype(np.float32) * (255.0 / max(float(array.max()), 1.0))
@@ -122,44 +164,87 @@ def read_image(path) -> np.ndarray:
     return np.ascontiguousarray(array[:, :, :3])
 
 
-def read_mask(path, spec: DatasetSpec, size: tuple[int, int] | None = None) -> np.ndarray:
+def read_mask(path, spec: DatasetSpec, size: tuple[int, int] | None = None,
+              binarize: str = "registry") -> np.ndarray:
     """HxW uint8 label map (0 background, 1..K); binary masks give {0, 1}; `size` = (w, h).
 
+    `binarize` (binary masks): "registry", foreground = the brightest colour channel >=
+    `spec.mask_threshold`, palette masks by index; "paper", the paper's reading: 8-bit grey
+    (Pillow's convert("L"), so pure red is 76), then the same threshold.
     per_category layout: `path` = `<masks>/<name>` stands for the category files
     `<masks>/<k or keyword>/<name>`; where categories overlap the later category wins.
     """
     if spec.mask_layout == "per_category":
-        masks = category_masks(path, spec, size)
+        masks = category_masks(path, spec, size, binarize)
         label = np.zeros(masks[0].shape, np.uint8)
         for k, inside in enumerate(masks, start=1):
             label[inside] = k
         return label
-    array = _decode(path, palette_as_rgb=False)
     if spec.mask_encoding == "labelmap":
+        image = _mask_image(path)
+        array = np.array(image.convert(_PLAIN_MODES.get(image.mode, image.mode)) if image.mode in _PLAIN_MODES
+                         else image)
         label = _check_labels(array if array.ndim == 2 else array[:, :, 0], spec, path)
     else:
-        label = _binary(array)
+        label = _binary(path, spec, binarize)
     return _resize(label, size)
 
 
-def category_masks(path, spec: DatasetSpec, size: tuple[int, int] | None = None) -> list[np.ndarray]:
+def _mask_image(path) -> Image.Image:
+    image = _open(path, "mask")
+    if image.mode not in _KNOWN_MODES | set(_PLAIN_MODES):
+        raise CoTexNetError(f"{path}: mask in the {image.mode} colour model, which has no unambiguous "
+                            "foreground; save it as grey, RGB or palette")
+    return image
+
+
+def category_masks(path, spec: DatasetSpec, size: tuple[int, int] | None = None,
+                   binarize: str = "registry") -> list[np.ndarray]:
     """One HxW bool mask per category (binary datasets: one, the foreground), before any overlap
     is resolved: the per_category layout's files as they are, else `label == k` of the label map."""
     if spec.mask_layout != "per_category":
-        label = read_mask(path, spec, size)
+        label = read_mask(path, spec, size, binarize)
         return [label == k for k in range(1, max(len(spec.categories), 1) + 1)]
     files = category_files(path, spec)
-    first = _binary(_decode(files[0], palette_as_rgb=False))
+    first = _binary(files[0], spec, binarize)
     size = size or (first.shape[1], first.shape[0])  # categories of another size follow the first
-    return [_resize(first if i == 0 else _binary(_decode(file, palette_as_rgb=False)), size) > 0
-            for i, file in enumerate(files)]
+    return [_resize(first if i == 0 else _binary(file, spec, binarize), size) > 0 for i, file in enumerate(files)]
 
 
-def _binary(array: np.ndarray) -> np.ndarray:
+def _binary(path, spec: DatasetSpec, binarize: str) -> np.ndarray:
+    """{0, 1} foreground of a binary mask file by the dataset's threshold, never by the file's
+    own values: a nearly empty 0/255 JPEG mask stays empty whatever its faint noise."""
+    image, threshold = _mask_image(path), spec.mask_threshold
+    if binarize == "paper":
+        return (np.array(image.convert("L")) >= threshold).astype(np.uint8)
+    if image.mode in ("P", "PA"):
+        return _palette_foreground(path, np.array(image.convert("P") if image.mode == "PA" else image))
+    alpha = _alpha(image)
+    plain = {**_PLAIN_MODES, "LA": "L"}
+    array = np.array(image.convert(plain[image.mode]) if image.mode in plain else image)
     # colour masks: the brightest channel (np.maximum over planes: 10x faster than max(axis=2))
     value = array if array.ndim == 2 else np.maximum.reduce([array[:, :, c] for c in range(min(3, array.shape[2]))])
-    threshold = 128 if value.max() >= 128 else 1  # 0/255 (+ JPEG artefacts) vs 0/1 or instance ids
-    return (value >= threshold).astype(np.uint8)
+    inside = value >= threshold
+    if alpha is not None:
+        if not inside.any() and (alpha >= threshold).any():
+            warn_once(path, "transparent mask whose colours hold no foreground: read from its alpha channel")
+            return (alpha >= threshold).astype(np.uint8)
+        warn_once(path, "transparent pixels: read from the mask's colours, alpha ignored")
+    if not inside.any() and value.max() > 0:
+        warn_once(path, f"no value reaches the foreground threshold {threshold} of {spec.name} (largest "
+                        f"{value.max()}): read as empty; for 0/1 masks set mask_threshold: 1 in {REGISTRY_FILE.name}")
+    return inside.astype(np.uint8)
+
+
+def _palette_foreground(path, indices: np.ndarray) -> np.ndarray:
+    """Palette masks hold class indices, not brightness: foreground = index > 0, except a
+    boundary index 255 beside other classes (the VOC convention), which is background."""
+    present = np.unique(indices)
+    if 255 in present and len(present[(present > 0) & (present < 255)]):
+        warn_once(path, "palette mask with index 255 beside other classes (a VOC-style boundary): "
+                        "index 255 read as background")
+        return ((indices > 0) & (indices < 255)).astype(np.uint8)
+    return (indices > 0).astype(np.uint8)
 
 
 def _resize(label: np.ndarray, size) -> np.ndarray:

@@ -324,6 +324,10 @@ def roi_matches_mask(ws: Path, result: dict) -> None:
     assert roi[INSIDE].mean() > 40 and roi[~NEAR_EDGE].mean() < 3
 
 
+def roi_is_black(ws: Path, result: dict) -> None:
+    assert cv2.imread(str(ws / "ds" / "ROIs" / "a.jpg"), cv2.IMREAD_GRAYSCALE).max() < 3
+
+
 def roi_has_image_size(ws: Path, result: dict) -> None:
     for path in (ws / "ds" / "images").iterdir():
         roi = cv2.imread(str(ws / "ds" / "ROIs" / path.name))
@@ -437,8 +441,10 @@ CASES = [
          ("4 images done",), check=roi_has_image_size),
     Case("roi_empty_mask", dataset(rewrite_mask(M1, lambda m: m * 0)), ROI, ROI_ARGS, 0,
          ("1 empty ROIs (all black, kept)",)),
+    # A 0/1 mask in a dataset of 0/255 masks (the default): the dataset's threshold, not the file's, says it.
     Case("roi_mask_0_1", odd_mode(Image.fromarray, lambda m: Image.fromarray(m.astype(np.uint8))), ROI, ODD_ARGS, 0,
-         ("1 images done",), check=roi_matches_mask),
+         ("1 images done", "a.png: no value reaches the foreground threshold 128", "mask_threshold: 1"),
+         check=roi_is_black),
     Case("roi_mask_0_255", odd_mode(Image.fromarray, lambda m: Image.fromarray(m.astype(np.uint8) * 255)), ROI,
          ODD_ARGS, 0, ("1 images done",), check=roi_matches_mask),
     Case("roi_16bit", odd_mode(lambda a: Image.fromarray(a[:, :, 1].astype(np.uint16) * 257),

@@ -58,7 +58,7 @@ def test_layout_and_label_map_equal_the_label_map_variant(percategory_root, synt
 def test_overlap_later_category_wins_and_keyword_folders(tmp_path):
     masks = tmp_path / "masks"
     first, second = np.zeros((20, 30), np.uint8), np.zeros((10, 15), np.uint8)  # category 2 at half size
-    first[2:12, 2:20], second[4:8, 5:14] = 255, 1  # 0/255 and 0/1 files; they overlap
+    first[2:12, 2:20], second[4:8, 5:14] = 255, 255  # they overlap
     (masks / "1" / "sub").mkdir(parents=True)
     (masks / "lesion area" / "sub").mkdir(parents=True)
     cv2.imwrite(str(masks / "1" / "sub" / "a.png"), first)

@@ -8,6 +8,7 @@ returns a `Config` of plain dataclasses. A typo, a wrong type or an impossible v
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -36,6 +37,7 @@ class DatasetConfig:
     split_dir: str = "data_process"  # {train,val,test}_data.csv
     text_csv: str | list[str] = ""  # "" = text_file/<dataset_name>/<dataset_name>_text_out.csv; a list: one per dataset
     keyword: str | None = None  # only for datasets the registry does not know
+    binarize: str = "registry"  # registry: the dataset's mask threshold on the brightest channel; paper: 8-bit grey first
 
 
 @dataclass
@@ -45,6 +47,7 @@ class TrainConfig:
     input_size: int = 224
     train_data_ratio: float = 1.0  # fraction of the training split used (seeded subset)
     batch_size: int = 16
+    global_batch: bool = True  # batch_size is the batch over all processes (the paper's lr holds on N GPUs)
     num_workers: int = 4
     epochs: int = 500
     lr: float = 3e-4
@@ -54,7 +57,10 @@ class TrainConfig:
     patience: int = 50  # counted only after the first fifth of the epochs
     print_freq: int = 10  # iterations between progress-bar loss updates
     start_epoch: int = 0  # the paper's key; continuing a run is `--resume RUN_DIR`
-    save_best: bool = True  # keep the best validation Dice and test it; False: test the last
+    save_best: bool = True  # keep the best validation score and test it; False: test the last
+    select_metric: str = "dice"  # best epoch and early stopping: dice (hard, per image) | paper_dice (soft, batch mean)
+    early_stopping: str = "best"  # best: against the best so far | paper: the paper's rule (train_utils/early_stopping.py)
+    loss_input: str = "logits"  # logits | paper_probabilities (the paper's DiceCE on sigmoid outputs; binary)
     amp: bool = True  # bf16 autocast (fp16 + grad scaler on GPUs without bf16)
     seg_weight: float = 1.0
     kl_weight: float = 10.0
@@ -152,6 +158,16 @@ def _validate(config: Config) -> None:
         ("DATASET.keyword", len(names) == 1 or d.keyword is None, "must be null with several datasets (it would "
          "replace every dataset's keyword): give each its keyword in dataset_config/datasets.yaml"),
         ("TRAIN.select_overall", t.select_overall in ("images", "datasets"), "must be images or datasets"),
+        ("TRAIN.select_overall", t.select_overall == "images" or t.select_metric == "dice",
+         "datasets needs TRAIN.select_metric dice (the paper's figures are means over mixed batches, not per dataset)"),
+        ("DATASET.binarize", d.binarize in ("registry", "paper"), "must be registry or paper"),
+        ("TRAIN.select_metric", t.select_metric in ("dice", "paper_dice"), "must be dice or paper_dice"),
+        ("TRAIN.select_metric", t.select_metric == "dice" or d.num_classes == 2,
+         "paper_dice is defined for binary datasets only (DATASET.num_classes 2)"),
+        ("TRAIN.early_stopping", t.early_stopping in ("best", "paper"), "must be best or paper"),
+        ("TRAIN.loss_input", t.loss_input in ("logits", "paper_probabilities"), "must be logits or paper_probabilities"),
+        ("TRAIN.loss_input", t.loss_input == "logits" or d.num_classes == 2,
+         "paper_probabilities is for binary datasets only (DATASET.num_classes 2)"),
         ("TRAIN.device", t.device in ("auto", "cpu", "cuda"), "must be auto, cpu or cuda"),
         ("TRAIN.input_size", t.input_size >= 32 and t.input_size % 16 == 0, "must be a multiple of 16, at least 32"),
         ("TRAIN.train_data_ratio", 0 < t.train_data_ratio <= 1, "must be in (0, 1]"),
@@ -180,6 +196,30 @@ def _validate(config: Config) -> None:
             raise CoTexNetError(f"{key}: {value!r} {why}")
 
 
+# `--protocol paper`: every switch at the paper's value (README, "What differs from the paper's
+# code"); applied on top of the config file and the overrides.
+PAPER_PROTOCOL = {
+    "TRAIN.select_metric": "paper_dice",
+    "TRAIN.early_stopping": "paper",
+    "TRAIN.loss_input": "paper_probabilities",
+    "TRAIN.global_batch": True,
+    "DATASET.binarize": "paper",
+}
+PROTOCOLS = ("ours", "paper")
+
+
+def apply_protocol(config: Config, protocol: str) -> Config:
+    """`config` with the preset of `protocol` set on top ("ours" changes nothing); validated."""
+    if protocol not in PROTOCOLS:
+        raise CoTexNetError(f"--protocol {protocol}: expected one of {', '.join(PROTOCOLS)}")
+    config = copy.deepcopy(config)
+    if protocol == "paper":
+        for key, value in PAPER_PROTOCOL.items():
+            _set(config, key, value)
+    _validate(config)
+    return config
+
+
 def parse_override(text: str) -> tuple[str, object]:
     """`TRAIN.epochs=5` -> ("TRAIN.epochs", 5); the value is read as YAML (numbers, true, null)."""
     key, sep, raw = text.partition("=")
@@ -191,8 +231,8 @@ def parse_override(text: str) -> tuple[str, object]:
         raise CoTexNetError(f"override {text!r}: the value is not valid YAML ({err.problem})") from err
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Defaults <- the YAML file at `path` (if given) <- `overrides`; validated."""
+def load_config(path: str | Path | None, overrides: list[str] = (), protocol: str = "ours") -> Config:
+    """Defaults <- the YAML file at `path` (if given) <- `overrides` <- the `protocol` preset; validated."""
     config = Config()
     if path is not None:
         path = Path(path)
@@ -216,5 +256,4 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
                     raise CoTexNetError(f"{path}: {err}") from None
     for text in overrides:
         _set(config, *parse_override(text))
-    _validate(config)
-    return config
+    return apply_protocol(config, protocol)

@@ -55,17 +55,30 @@ def dataset(cfg: Config, split: str, tokenizer=None, prompts=None, name: str | N
     d, size, name = cfg.DATASET, cfg.TRAIN.input_size, name or cfg.datasets()[0]
     transform = train_transform(size) if split == "train" else eval_transform(size)
     return SegDataset(d.root_dir, name, split_frame(cfg, split, name), spec(cfg, name), transform,
-                      tokenizer=tokenizer, prompts=prompts)
+                      tokenizer=tokenizer, prompts=prompts, binarize=d.binarize)
 
 
 def spec(cfg: Config, name: str | None = None):
     return get_spec(name or cfg.datasets()[0], cfg.DATASET.keyword)
 
 
-def loader(cfg: Config, data, shuffle: bool = False, generator: torch.Generator | None = None,
-           collate_fn=collate) -> DataLoader:
+def process_batch_size(cfg: Config, num_processes: int) -> int:
+    """The batch of one process: TRAIN.batch_size over the processes when TRAIN.global_batch
+    (the paper's hyperparameters assume a batch of 16 on one GPU), else TRAIN.batch_size each."""
     t = cfg.TRAIN
-    return DataLoader(data, batch_size=t.batch_size, shuffle=shuffle, num_workers=t.num_workers,
+    if not t.global_batch:
+        return t.batch_size
+    if t.batch_size % num_processes:
+        raise CoTexNetError(f"TRAIN.batch_size: {t.batch_size} does not divide over {num_processes} processes "
+                            f"(TRAIN.global_batch: true); use a multiple of {num_processes}, or TRAIN.global_batch=false "
+                            f"for {t.batch_size} per process")
+    return t.batch_size // num_processes
+
+
+def loader(cfg: Config, data, shuffle: bool = False, generator: torch.Generator | None = None,
+           collate_fn=collate, num_processes: int = 1) -> DataLoader:
+    t = cfg.TRAIN
+    return DataLoader(data, batch_size=process_batch_size(cfg, num_processes), shuffle=shuffle, num_workers=t.num_workers,
                       collate_fn=collate_fn, generator=generator,
                       pin_memory=torch.cuda.is_available())
 
@@ -119,9 +132,9 @@ def collate_readable(batch: list[dict]) -> dict:
     return out
 
 
-def readable_loader(cfg: Config, data) -> DataLoader:
+def readable_loader(cfg: Config, data, num_processes: int = 1) -> DataLoader:
     """A loader of `data` in which an unreadable file is listed in the batch's `errors`, not raised."""
-    return loader(cfg, SkipUnreadable(data), collate_fn=collate_readable)
+    return loader(cfg, SkipUnreadable(data), collate_fn=collate_readable, num_processes=num_processes)
 
 
 def report_unreadable(errors: list[str], path: Path) -> None:

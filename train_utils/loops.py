@@ -24,7 +24,14 @@ from train_utils import multi, reporting
 from train_utils.config import Config
 from train_utils.early_stopping import EarlyStopping
 from train_utils.inference import labels_at
-from train_utils.metrics import image_metrics
+from train_utils.metrics import (
+    PAPER_KEYS,
+    image_metrics,
+    paper_batch,
+    paper_image_dice,
+    paper_image_stats,
+    paper_summary,
+)
 from train_utils.run_state import save_best, save_last
 
 
@@ -56,7 +63,7 @@ class Training:
     log: reporting.EpochLog = field(init=False)
 
     def __post_init__(self):
-        self.stopper = EarlyStopping(self.cfg.TRAIN.patience, self.cfg.TRAIN.epochs)
+        self.stopper = EarlyStopping(self.cfg.TRAIN.patience, self.cfg.TRAIN.epochs, self.cfg.TRAIN.early_stopping)
         self.log = reporting.EpochLog(self.run / "log.csv")
 
 
@@ -102,10 +109,12 @@ def evaluate(model, loader, accelerator: Accelerator, num_classes: int, class_na
     `keep`: return the first `keep` (image, truth, prediction) of the main process for overlays.
     Returns (rows, summary, kept); rows hold one dict per image (with its name, and its dataset when
     the loader mixes several), from all processes; the summary of several datasets holds each one's.
+    Binary: rows and summary also hold the paper's figures (`paper_*`), each batch being the
+    images of one step over all processes.
     """
     core = accelerator.unwrap_model(model)
     core.eval()
-    rows, kept = [], []
+    rows, kept, paper_batches = [], [], []
     bar = tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_main_process)
     for batch in bar:
         pixels, labels = batch["pixel_values"], batch["label"]
@@ -123,11 +132,16 @@ def evaluate(model, loader, accelerator: Accelerator, num_classes: int, class_na
         batch_rows = [dict(**tag, name=name, **m) for tag, name, m in
                       zip(tags, batch["name"], image_metrics(pred, labels, num_classes, class_names, hd95=hd95),
                           strict=True)]
+        binary = num_classes == 2
+        stats = paper_image_stats(torch.sigmoid(output.logits.float()), labels) if binary else [None] * len(pred)
         # Gathered per batch: accelerate then drops the samples it repeated to even out the last batch.
-        rows += accelerator.gather_for_metrics(batch_rows, use_gather_object=True)
+        gathered = accelerator.gather_for_metrics(list(zip(batch_rows, stats, strict=True)), use_gather_object=True)
+        rows += [dict(row, paper_dice=paper_image_dice(stat)) if binary else row for row, stat in gathered]
+        if binary:
+            paper_batches.append(paper_batch([stat for _, stat in gathered]))
         for j in range(min(keep - len(kept), len(pixels))):
             kept.append((reporting.denormalize(pixels[j]), labels[j].cpu().numpy(), pred[j].cpu().numpy()))
-    return rows, multi.summarize(rows), kept
+    return rows, {**multi.summarize(rows), **paper_summary(paper_batches)}, kept
 
 
 class StopOnRequest:
@@ -168,13 +182,14 @@ def fit(training: Training, start_epoch: int = 0) -> Outcome:
                                                        tr.scheduler, accelerator, epoch, t.print_freq))
             _, val, kept = evaluate(tr.model, tr.val_loader, accelerator, tr.cfg.DATASET.num_classes, tr.class_names,
                                     cache, hd95=False, keep=t.num_overlays, desc=f"epoch {epoch} val")
-            score = multi.overall(val, t.select_overall)["dice"]
+            score = multi.overall(val, t.select_overall)[t.select_metric]
             improved = stopper.update(epoch, score)
-            row.update(val_dice=val["dice"], val_iou=val["iou"], **multi.log_columns(val), best_dice=stopper.best,
+            row.update(val_dice=val["dice"], val_iou=val["iou"], **{f"val_{k}": val[k] for k in PAPER_KEYS if k in val},
+                       **multi.log_columns(val), **{f"best_{t.select_metric}": stopper.best},
                        time_s=time.time() - began)
             if main:
                 if improved and t.save_best:
-                    save_best(tr.run, tr.model, accelerator, epoch, score)
+                    save_best(tr.run, tr.model, accelerator, epoch, {f"val_{t.select_metric}": score})
                     for k, (image, truth, pred) in enumerate(kept):
                         reporting.write_overlay(tr.run / "overlays" / f"epoch{epoch:04d}_{k}.png", image, truth, pred)
                 tr.log.append(row)
@@ -182,9 +197,10 @@ def fit(training: Training, start_epoch: int = 0) -> Outcome:
                 save_last(tr.run, tr.model, tr.optimizer, tr.scheduler, accelerator, stopper, epoch, tr.generator)
                 each = "".join(f"  {key.removeprefix('val_dice_')} {value:.4f}"
                                for key, value in multi.log_columns(val).items())
+                paper = f"paper_dice {val['paper_dice']:.4f}  " if "paper_dice" in val else ""
                 print(f"epoch {epoch}/{t.epochs}  loss {row['train_loss']:.4f}  val Dice {val['dice']:.4f}{each}  "
-                      f"IoU {val['iou']:.4f}  best {stopper.best:.4f} (epoch {stopper.best_epoch})  "
-                      f"{row['time_s']:.1f}s", flush=True)
+                      f"IoU {val['iou']:.4f}  {paper}best {t.select_metric} {stopper.best:.4f} "
+                      f"(epoch {stopper.best_epoch})  {row['time_s']:.1f}s", flush=True)
             accelerator.wait_for_everyone()
             # Every process must agree to stop, or the others would wait for it forever.
             flag = torch.tensor(float(stop.requested), device=accelerator.device)
@@ -192,6 +208,7 @@ def fit(training: Training, start_epoch: int = 0) -> Outcome:
                 return Outcome.INTERRUPTED
     if stopper.should_stop:
         if main:
-            print(f"early stop: no better validation Dice for {t.patience} epochs after epoch {stopper.grace}")
+            print(f"early stop ({t.early_stopping} rule on {t.select_metric}): {t.patience} epochs without "
+                  f"improvement after epoch {stopper.grace}")
         return Outcome.EARLY_STOPPED
     return Outcome.FINISHED

@@ -38,14 +38,16 @@ class EpochLog:
         write_csv(self.path, self.rows)
 
     def plot(self, path: str | Path) -> None:
-        """curves.png: losses, validation Dice/IoU and the learning rate against the epoch."""
+        """curves.png: losses, validation Dice/IoU (and the paper's soft Dice) and the learning rate
+        against the epoch."""
         log = pd.DataFrame(self.rows)
         fig, axes = plt.subplots(1, 3, figsize=(15, 4))
         for key in ("train_loss", "train_seg", "train_kl"):
             axes[0].plot(log["epoch"], log[key], label=key)
         axes[0].set_yscale("log")
-        for key in ("val_dice", "val_iou"):
-            axes[1].plot(log["epoch"], log[key], label=key)
+        for key in ("val_dice", "val_iou", "val_paper_dice"):
+            if key in log:  # val_paper_dice: binary runs
+                axes[1].plot(log["epoch"], log[key], label=key)
         axes[1].set_ylim(0, 1)
         axes[2].plot(log["epoch"], log["lr"], label="lr (end of epoch)")
         for ax, title in zip(axes, ("training losses", "validation", "learning rate"), strict=True):
@@ -97,19 +99,27 @@ def write_mask(path: str | Path, labels: np.ndarray, num_classes: int) -> None:
 
 
 def format_table(results: dict[str, dict], keys=("dice", "iou", "miou", "pixel_acc", "hd95")) -> str:
-    """Split -> summary as a text table of mean ± std over images, with the empty-case counts."""
+    """Split -> summary as a text table of mean ± std over images, with the empty-case counts;
+    binary runs add the paper's figures (means over batches, no std) and a line saying so."""
+    paper = [k for k in ("paper_dice", "paper_iou", "paper_acc", "paper_miou") if any(k in s for s in results.values())]
     width = max(8, *(len(split) + 1 for split in results))  # rows such as "test kvasir" of several datasets
-    header = f"{'split':<{width}}{'images':>7}" + "".join(f"{k:>18}" for k in keys) + \
-        f"{'empty pred':>12}{'hd95 undef':>12}"
+    header = (f"{'split':<{width}}{'images':>7}" + "".join(f"{k:>18}" for k in keys) + f"{'empty pred':>12}{'hd95 undef':>12}"
+              + "".join(f"{k:>12}" for k in paper))
     lines = [header, "-" * len(header)]
     for split, s in results.items():
         cells = "".join(f"{_cell(s.get(k), s.get(k + '_std')):>18}" for k in keys)
-        lines.append(f"{split:<{width}}{s['images']:>7}{cells}{s.get('empty_pred', 0):>12}"
-                     f"{s.get('hd95_undefined', 0):>12}")
+        extra = "".join(f"{_cell(s.get(k), None):>12}" for k in paper)
+        lines.append(f"{split:<{width}}{s['images']:>7}{cells}{s.get('empty_pred', 0):>12}{s.get('hd95_undefined', 0):>12}"
+                     + extra)
+    if paper:
+        size = max(s.get("paper_batch_size", 0) for s in results.values())
+        lines.append(f"dice..hd95: per image (hard, at 0.5), mean ± std over images. paper_*: the paper's figures "
+                     f"(soft Dice on probabilities; means over batches of up to {size} images): compare these with "
+                     "the paper's tables")
     return "\n".join(lines)
 
 
 def _cell(mean, std) -> str:
     if mean is None or math.isnan(mean):
         return "n/a"
-    return f"{mean:.4f} ± {std:.4f}"
+    return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"

@@ -48,8 +48,9 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
                              pos=state["numpy_pos"]), has_gauss=state["numpy_gauss"][0], gauss=state["numpy_gauss"][1]))
 
 
-def save_best(run: Path, model, accelerator: Accelerator, epoch: int, val_dice: float) -> None:
-    save_checkpoint(accelerator.unwrap_model(model), run / "best", dict(epoch=epoch, val_dice=val_dice))
+def save_best(run: Path, model, accelerator: Accelerator, epoch: int, scores: dict) -> None:
+    """best/: the weights, with the epoch and the validation scores that made it the best."""
+    save_checkpoint(accelerator.unwrap_model(model), run / "best", dict(epoch=epoch, **scores))
 
 
 def save_last(run: Path, model, optimizer, scheduler, accelerator: Accelerator, stopper: EarlyStopping,
