@@ -15,6 +15,7 @@ Built from the stock `transformers` CLIPSeg modules (no forked library code):
 from __future__ import annotations
 
 import copy
+import hashlib
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,16 @@ def _cls_row_of_layer(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return cls + layer.mlp(layer.layer_norm2(cls))
 
 
+def clip_fingerprint(clip: nn.Module) -> str:
+    """SHA-256 of a CLIP's weights (names, shapes, float32 values): the same whatever dtype or
+    device they were loaded in with."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(clip.state_dict().items()):
+        digest.update(f"{name}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().data)
+    return digest.hexdigest()
+
+
 def _load_clipseg(clipseg, attn_implementation: str | None) -> tuple[CLIPSegForImageSegmentation, str | None]:
     """A CLIPSeg instance and the name it was loaded from (None for an in-memory model)."""
     if isinstance(clipseg, CLIPSegForImageSegmentation):
@@ -121,6 +132,8 @@ class CoTexNet(nn.Module):
         self.var = nn.Parameter(torch.tensor([1.0]))
         self.mean = nn.Parameter(torch.tensor([-0.002]))
         self.set_frozen(freeze_encoder, freeze_decoder)
+        # (state of the CLIP's tensors, fingerprint): see base_fingerprint.
+        self._fingerprint: tuple[tuple, str] | None = None
 
     @classmethod
     def from_clipseg(cls, clipseg, num_classes: int = 2, roi_position: int = 5, *, freeze_encoder: bool = True,
@@ -143,8 +156,51 @@ class CoTexNet(nn.Module):
         else:
             self.decoder.transposed_convolution = head
 
+    @classmethod
+    def from_pretrained(cls, folder, clipseg=None, num_classes: int | None = None,
+                        attn_implementation: str | None = "sdpa") -> CoTexNet:
+        """The model of a checkpoint folder (`model.checkpoint.load_checkpoint`, which also
+        returns the checkpoint's `extra`)."""
+        from model.checkpoint import load_checkpoint  # that module imports this one
+
+        return load_checkpoint(folder, clipseg, num_classes, attn_implementation)[0]
+
+    def save_pretrained(self, folder, extra: dict | None = None) -> Path:
+        """A checkpoint folder of the trained weights (`model.checkpoint.save_checkpoint`)."""
+        from model.checkpoint import save_checkpoint  # that module imports this one
+
+        return save_checkpoint(self, folder, extra)
+
+    def _clip_state(self) -> tuple:
+        # Storage and in-place version of every CLIP tensor: loading or training weights, or
+        # casting them, changes it.
+        return tuple((t.data_ptr(), t._version) for t in (*self.clip.parameters(), *self.clip.buffers()))
+
+    def base_fingerprint(self) -> str:
+        """`clip_fingerprint` of the CLIP, hashed again only when its weights have changed since."""
+        state = self._clip_state()
+        if self._fingerprint is None or self._fingerprint[0] != state:
+            self._fingerprint = state, clip_fingerprint(self.clip)
+        return self._fingerprint[1]
+
+    @property
+    def encoder_dtype(self) -> torch.dtype:
+        return self.clip.text_projection.weight.dtype
+
+    def cast_frozen_encoder(self, dtype: torch.dtype) -> None:
+        """Keep the frozen CLIP's weights in `dtype` (bf16, fp16), cast once instead of by
+        autocast at every call; the trained parts stay float32. Its activations then come out
+        in `dtype`: run the rest under autocast. The fingerprint is of the weights as loaded."""
+        if not self.freeze_encoder:
+            raise CoTexNetError("cast_frozen_encoder: the encoder trains; it needs float32 weights")
+        fingerprint = self.base_fingerprint()
+        self.clip.to(dtype)
+        self._fingerprint = self._clip_state(), fingerprint
+
     def set_frozen(self, encoder: bool = True, decoder: bool = False) -> None:
         """Freeze the CLIP encoders (the paper's setting) and/or the decoder."""
+        if not encoder and self.encoder_dtype != torch.float32:
+            raise CoTexNetError("set_frozen: the encoder was cast to a lower precision; it cannot train")
         self.freeze_encoder, self.freeze_decoder = encoder, decoder
         self.clip.requires_grad_(not encoder)
         self.decoder.requires_grad_(not decoder)

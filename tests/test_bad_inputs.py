@@ -552,11 +552,11 @@ CASES = [
     Case("predict_two_inputs_one_stem", predict_inputs("a.jpg", "a.png"), "predict.py",
          "--run {run} --input {ws}/in --output {ws}/out", 2, ("a.jpg", "a.png")),
     # safety ------------------------------------------------------------------------------------
-    Case("import_pickle_with_code", files(evil__pth=evil_pth), "model.checkpoint",
-         "import --pth {ws}/evil.pth --clipseg {clipseg} --out {ws}/out", 2,
+    Case("import_pickle_with_code", files(evil__pth=evil_pth), "model.paper_import",
+         "--pth {ws}/evil.pth --clipseg {clipseg} --out {ws}/out", 2,
          ("{ws}/evil.pth: holds pickled objects beyond tensors", "--trust-pickle"), ("pwned", "out")),
-    Case("import_not_a_checkpoint", files(x__pth="not a checkpoint"), "model.checkpoint",
-         "import --pth {ws}/x.pth --clipseg {clipseg} --out {ws}/out", 2,
+    Case("import_not_a_checkpoint", files(x__pth="not a checkpoint"), "model.paper_import",
+         "--pth {ws}/x.pth --clipseg {clipseg} --out {ws}/out", 2,
          ("{ws}/x.pth: not a readable torch checkpoint",), ("out",)),
     Case("clipseg_weights_pickled_with_code", clipseg_pickled_with_code, "train.py", TRAIN_ARGS, 2,
          ("{ws}/clipseg",), ("pwned", *NO_RUN)),
@@ -680,7 +680,7 @@ LOADERS = re.compile(r"torch\.load\(|pickle\.loads?\(|pickle\.Unpickler\(|yaml\.
 def test_every_checkpoint_load_is_safe():
     """torch.load only with weights_only=True, or weights_only=False behind the explicit trust
     flag; no other unpickling, no yaml.load, no np.load of pickles anywhere in the project."""
-    allowed_unsafe = {("model/checkpoint.py", "if trust_pickle:")}
+    allowed_unsafe = {("model/paper_import.py", "if trust_pickle:")}
     listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.py"], cwd=REPO,
                             capture_output=True, text=True, check=True).stdout.split()
     found = []
@@ -696,5 +696,5 @@ def test_every_checkpoint_load_is_safe():
                 continue
             context = lines[i - 1].strip()
             assert (rel, context) in allowed_unsafe and "weights_only=False" in line, f"{rel}:{i + 1}: {line.strip()}"
-    assert "model/checkpoint.py" in found and "train_utils/engine.py" in found  # the grep sees the real loaders
+    assert "model/paper_import.py" in found and "train_utils/engine.py" in found  # the grep sees the real loaders
 

@@ -169,3 +169,20 @@ def test_without_a_folder_a_full_memory_just_recomputes(model, pixels, tmp_path)
     cache.features(model, pixels, paths)
     assert (cache.hits, cache.misses) == (0, 2 * B)
     assert not any(tmp_path.rglob("*.safetensors"))
+
+
+def test_the_cache_works_under_cpu_bf16_autocast(model, pixels, tmp_path):
+    # The bench's validation pass runs the cache inside autocast; CPU autocast rejects float16
+    # tensors in ops such as stack.
+    paths = _image_files(tmp_path, B)
+    cache = FeatureCache(model, 224, memory_mb=64)
+    with torch.no_grad():
+        outside = cache.features(model, pixels, paths)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            inside = cache.features(model, pixels, paths)
+            logits = model.forward_features(inside).logits
+        reference = model(pixels).logits
+    assert cache.hits == B
+    for name in outside:
+        assert torch.equal(inside[name], outside[name]), name
+    assert _relative(logits, reference) < 1e-2
