@@ -223,7 +223,7 @@ class CoTexNet(nn.Module):
         layers = vision.encoder.layers
         outputs = {}
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
-            hidden = vision.pre_layrnorm(vision.embeddings(pixel_values))
+            hidden = vision.pre_layrnorm(vision.embeddings(pixel_values.to(self.encoder_dtype)))
             for i, layer in enumerate(layers):
                 if i == len(layers) - 1 and i not in self.extract_layers:
                     cls = _cls_row_of_layer(layer, hidden)
@@ -231,7 +231,14 @@ class CoTexNet(nn.Module):
                 hidden = outputs[i] = layer(hidden, None)
             else:
                 cls = hidden[:, 0]
-        return [outputs[i] for i in self.extract_layers], cls
+        return self._for_trained_parts([outputs[i] for i in self.extract_layers]), self._for_trained_parts(cls)
+
+    def _for_trained_parts(self, x):
+        """The frozen CLIP's output (a tensor or a list) as the trained float32 parts take it: as is
+        under autocast, or in float32 without it (a CLIP cast to bf16 or fp16 returns those)."""
+        if self.encoder_dtype == torch.float32 or torch.is_autocast_enabled(self.clip.text_projection.weight.device.type):
+            return x
+        return [t.float() for t in x] if isinstance(x, list) else x.float()
 
     def extract_features(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         """What the evaluation path needs from the frozen encoder, batch first, for a cache."""
@@ -260,7 +267,8 @@ class CoTexNet(nn.Module):
             eos = input_ids.argmax(dim=-1)
         else:
             eos = (input_ids == text.eos_token_id).int().argmax(dim=-1)
-        return self.clip.text_projection(hidden[torch.arange(hidden.shape[0], device=hidden.device), eos])
+        return self._for_trained_parts(
+            self.clip.text_projection(hidden[torch.arange(hidden.shape[0], device=hidden.device), eos]))
 
     # --- forward ------------------------------------------------------------------------
     def forward(self, pixel_values: torch.Tensor, roi_pixel_values: torch.Tensor | None = None,

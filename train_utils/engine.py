@@ -57,6 +57,14 @@ def make_accelerator(cfg: Config) -> Accelerator:
     return Accelerator(cpu=not on_gpu, mixed_precision=precision)
 
 
+def apply_precision(model, accelerator: Accelerator) -> None:
+    """Under bf16 or fp16 autocast, the frozen CLIP's weights in that dtype, cast once here
+    instead of by autocast at every call; the trained parts stay float32."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+    if dtype is not None and model.freeze_encoder:
+        model.cast_frozen_encoder(dtype)
+
+
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
     params = [p for p in model.parameters() if p.requires_grad]  # CLIP is frozen
     return torch.optim.AdamW(params, lr=cfg.TRAIN.lr, weight_decay=cfg.TRAIN.weight_decay)
