@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg, model, extra = engine.load_run(args.run, args.checkpoint, args.clipseg)
     out = Path(args.out or Path(args.run) / f"eval_{args.split}")
     accelerator = engine.make_accelerator(cfg)
-    engine.apply_precision(model, accelerator)
+    engine.apply_precision(model, accelerator, cfg.TRAIN.compile)
     split = data.dataset(cfg, args.split)
     masks_of = dict(split.rows)  # image name -> mask name
     folder, spec, k = split.folder, data.spec(cfg), cfg.DATASET.num_classes

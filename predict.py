@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.batch_size is not None:
         cfg.TRAIN.batch_size = args.batch_size
     accelerator = engine.make_accelerator(cfg)
-    engine.apply_precision(model, accelerator)
+    engine.apply_precision(model, accelerator, cfg.TRAIN.compile)
     model = model.to(accelerator.device)
     loader = data.loader(cfg, data.SkipUnreadable(ImageFiles(files, cfg.TRAIN.input_size)), collate_fn=collate)
 

@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         model = CoTexNet.from_clipseg(cfg.MODEL.clipseg_hf_api, cfg.DATASET.num_classes)
     else:
         model, _ = load_checkpoint(run / "last", num_classes=cfg.DATASET.num_classes)
-    engine.apply_precision(model, accelerator)
+    engine.apply_precision(model, accelerator, cfg.TRAIN.compile)
     criterion = CoTexNetLoss(cfg.DATASET.num_classes, cfg.TRAIN.seg_weight, cfg.TRAIN.kl_weight)
     optimizer = engine.build_optimizer(model, cfg)
     scheduler = engine.build_scheduler(optimizer, cfg, len(train_loader))

@@ -197,6 +197,11 @@ class CoTexNet(nn.Module):
         self.clip.to(dtype)
         self._fingerprint = self._clip_state(), fingerprint
 
+    def compile_parts(self) -> None:
+        """torch.compile of the frozen encoder's forward and of the decoder (TRAIN.compile)."""
+        self.encode_images = torch.compile(self.encode_images)
+        self.decoder.compile()
+
     def set_frozen(self, encoder: bool = True, decoder: bool = False) -> None:
         """Freeze the CLIP encoders (the paper's setting) and/or the decoder."""
         if not encoder and self.encoder_dtype != torch.float32:

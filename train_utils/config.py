@@ -53,7 +53,8 @@ class TrainConfig:
     print_freq: int = 10  # iterations between progress-bar loss updates
     start_epoch: int = 0  # the paper's key; continuing a run is `--resume RUN_DIR`
     save_best: bool = True  # keep the best validation Dice and test it; False: test the last
-    amp: bool = True  # bf16 autocast (fp16 + grad scaler on GPUs without bf16)
+    amp: bool = True  # bf16 autocast, the frozen CLIP kept in bf16 (fp16 + grad scaler on GPUs without bf16)
+    compile: bool = False  # torch.compile of the frozen encoder and the decoder (README: Speed)
     seg_weight: float = 1.0
     kl_weight: float = 10.0
     cpu_threads: int = 0  # torch intra-op threads; 0 = torch's default

@@ -57,12 +57,15 @@ def make_accelerator(cfg: Config) -> Accelerator:
     return Accelerator(cpu=not on_gpu, mixed_precision=precision)
 
 
-def apply_precision(model, accelerator: Accelerator) -> None:
+def apply_precision(model, accelerator: Accelerator, compile: bool = False) -> None:
     """Under bf16 or fp16 autocast, the frozen CLIP's weights in that dtype, cast once here
-    instead of by autocast at every call; the trained parts stay float32."""
+    instead of by autocast at every call; the trained parts stay float32. `compile`
+    (TRAIN.compile): torch.compile of the frozen encoder and the decoder."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
     if dtype is not None and model.freeze_encoder:
         model.cast_frozen_encoder(dtype)
+    if compile:
+        model.compile_parts()
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
