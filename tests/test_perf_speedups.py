@@ -271,3 +271,33 @@ def test_the_cache_keys_the_encoder_dtype_and_stores_bf16_features(pixels, tmp_p
     assert {t.dtype for t in features.values()} == {torch.bfloat16}
     with pytest.raises(CoTexNetError, match="built for a torch.bfloat16 encoder"):
         cache.features(reference, pixels[:1], [path])
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16), ("no", torch.float32)])
+def test_apply_precision_casts_the_frozen_clip_for_mixed_precision_only(precision, dtype):
+    from types import SimpleNamespace
+
+    from train_utils.engine import apply_precision
+
+    model = CoTexNet.from_clipseg(build_clipseg(_config([0, 1]), seed=3))
+    apply_precision(model, SimpleNamespace(mixed_precision=precision))
+    assert model.encoder_dtype == dtype and model.decoder.film_mul.weight.dtype == torch.float32
+    trains = CoTexNet.from_clipseg(build_clipseg(_config([0, 1]), seed=3), freeze_encoder=False)
+    apply_precision(trains, SimpleNamespace(mixed_precision=precision))
+    assert trains.encoder_dtype == torch.float32  # a trained encoder keeps float32 master weights
+
+
+def test_the_bench_defaults_to_the_precision_train_py_picks_here():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    # In child processes: accelerate's state, once made with a precision, stays for the process.
+    picked = subprocess.run([sys.executable, "-c", "from train_utils.config import load_config; "
+                             "from train_utils.engine import make_accelerator; "
+                             "print(make_accelerator(load_config(None, ['TRAIN.device=cpu'])).mixed_precision)"],
+                            cwd=repo, capture_output=True, text=True, check=True).stdout.split()[-1]
+    shown = subprocess.run([sys.executable, str(repo / "tools" / "bench.py"), "--help"], capture_output=True,
+                           text=True, check=True).stdout
+    assert f"this CPU ({'fp32' if picked == 'no' else picked})" in " ".join(shown.split())
