@@ -69,6 +69,12 @@ def progress(message: str) -> None:
 
 
 def peak_rss_gb() -> float:
+    """This process's peak resident memory. VmHWM, not getrusage: after fork and exec, ru_maxrss
+    still counts the parent's memory."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
