@@ -36,7 +36,7 @@ from train_utils.metrics import (
     paper_summary,
     summarize,
 )
-from train_utils.precision import make_accelerator
+from train_utils.precision import apply_precision, make_accelerator
 from train_utils.run_state import load_run
 
 SPLIT_CHOICES = (*SPLITS, "all")  # all: the three splits together, each image once
@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg, folder_name = target(cfg, args)
     out = Path(args.out or Path(args.run) / folder_name)
     accelerator = make_accelerator(cfg)
+    apply_precision(model, accelerator, cfg.TRAIN.compile)
     split = data.dataset(cfg, args.split)
     masks_of = dict(split.rows)  # image name -> mask name
     folder, spec, k = split.folder, data.spec(cfg), cfg.DATASET.num_classes

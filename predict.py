@@ -22,7 +22,7 @@ from data_process.layout import IMAGE_EXTS, list_files
 from data_process.registry import read_image
 from train_utils import data, reporting
 from train_utils.inference import predict_batches
-from train_utils.precision import make_accelerator
+from train_utils.precision import apply_precision, make_accelerator
 from train_utils.run_state import load_run
 
 
@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.batch_size is not None:
         cfg.TRAIN.batch_size = args.batch_size
     accelerator = make_accelerator(cfg)
+    apply_precision(model, accelerator, cfg.TRAIN.compile)
     model = model.to(accelerator.device)
     loader = data.readable_loader(cfg, data.ImageFiles(files, cfg.TRAIN.input_size))
 

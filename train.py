@@ -35,7 +35,7 @@ from train_utils.loops import Outcome, Training, evaluate, fit
 from train_utils.losses import CoTexNetLoss
 from train_utils.metrics import class_names
 from train_utils.optim import build_optimizer, build_scheduler
-from train_utils.precision import make_accelerator
+from train_utils.precision import apply_precision, make_accelerator
 
 DEFAULT_CONFIG = "dataset_config/train_config.yaml"
 
@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # Model, loss, optimizer, schedule; a resumed run restores them, and the rest, from its last/.
     model = CoTexNet.from_clipseg(cfg.MODEL.clipseg_hf_api, cfg.DATASET.num_classes)
+    apply_precision(model, accelerator, cfg.TRAIN.compile)
     criterion = CoTexNetLoss(cfg.DATASET.num_classes, cfg.TRAIN.seg_weight, cfg.TRAIN.kl_weight,
                              cfg.TRAIN.loss_input)
     optimizer = build_optimizer(model, cfg)
@@ -147,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"warning: no epoch scored {cfg.TRAIN.select_metric} above 0, so there is no best/: testing the last weights")
     if best:
         model, extra = load_checkpoint(run / "best")
+        apply_precision(model, accelerator)
         model.to(accelerator.device)
     results, per_image = {}, {}
     for split, split_loader in (("val", val_loader), ("test", test_loader)):

@@ -15,6 +15,7 @@ Built from the stock `transformers` CLIPSeg modules (no forked library code):
 from __future__ import annotations
 
 import copy
+import hashlib
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,16 @@ def _cls_row_of_layer(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return cls + layer.mlp(layer.layer_norm2(cls))
 
 
+def clip_fingerprint(clip: nn.Module) -> str:
+    """SHA-256 of a CLIP's weights (names, shapes, float32 values): the same whatever dtype or
+    device they were loaded in with."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(clip.state_dict().items()):
+        digest.update(f"{name}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().data)
+    return digest.hexdigest()
+
+
 def _load_clipseg(clipseg, attn_implementation: str | None) -> tuple[CLIPSegForImageSegmentation, str | None]:
     """A CLIPSeg instance and the name it was loaded from (None for an in-memory model)."""
     if isinstance(clipseg, CLIPSegForImageSegmentation):
@@ -121,6 +132,8 @@ class CoTexNet(nn.Module):
         self.var = nn.Parameter(torch.tensor([1.0]))
         self.mean = nn.Parameter(torch.tensor([-0.002]))
         self.set_frozen(freeze_encoder, freeze_decoder)
+        # (state of the CLIP's tensors, fingerprint): see base_fingerprint.
+        self._fingerprint: tuple[tuple, str] | None = None
 
     @classmethod
     def from_clipseg(cls, clipseg, num_classes: int = 2, roi_position: int = 5, *, freeze_encoder: bool = True,
@@ -143,8 +156,56 @@ class CoTexNet(nn.Module):
         else:
             self.decoder.transposed_convolution = head
 
+    @classmethod
+    def from_pretrained(cls, folder, clipseg=None, num_classes: int | None = None,
+                        attn_implementation: str | None = "sdpa") -> CoTexNet:
+        """The model of a checkpoint folder (`model.checkpoint.load_checkpoint`, which also
+        returns the checkpoint's `extra`)."""
+        from model.checkpoint import load_checkpoint  # that module imports this one
+
+        return load_checkpoint(folder, clipseg, num_classes, attn_implementation)[0]
+
+    def save_pretrained(self, folder, extra: dict | None = None) -> Path:
+        """A checkpoint folder of the trained weights (`model.checkpoint.save_checkpoint`)."""
+        from model.checkpoint import save_checkpoint  # that module imports this one
+
+        return save_checkpoint(self, folder, extra)
+
+    def _clip_state(self) -> tuple:
+        # Storage and in-place version of every CLIP tensor: loading or training weights, or
+        # casting them, changes it.
+        return tuple((t.data_ptr(), t._version) for t in (*self.clip.parameters(), *self.clip.buffers()))
+
+    def base_fingerprint(self) -> str:
+        """`clip_fingerprint` of the CLIP, hashed again only when its weights have changed since."""
+        state = self._clip_state()
+        if self._fingerprint is None or self._fingerprint[0] != state:
+            self._fingerprint = state, clip_fingerprint(self.clip)
+        return self._fingerprint[1]
+
+    @property
+    def encoder_dtype(self) -> torch.dtype:
+        return self.clip.text_projection.weight.dtype
+
+    def cast_frozen_encoder(self, dtype: torch.dtype) -> None:
+        """Keep the frozen CLIP's weights in `dtype` (bf16, fp16), cast once instead of by
+        autocast at every call; the trained parts stay float32. Its activations then come out
+        in `dtype`: run the rest under autocast. The fingerprint is of the weights as loaded."""
+        if not self.freeze_encoder:
+            raise CoTexNetError("cast_frozen_encoder: the encoder trains; it needs float32 weights")
+        fingerprint = self.base_fingerprint()
+        self.clip.to(dtype)
+        self._fingerprint = self._clip_state(), fingerprint
+
+    def compile_parts(self) -> None:
+        """torch.compile of the frozen encoder's forward and of the decoder (TRAIN.compile)."""
+        self.encode_images = torch.compile(self.encode_images)
+        self.decoder.compile()
+
     def set_frozen(self, encoder: bool = True, decoder: bool = False) -> None:
         """Freeze the CLIP encoders (the paper's setting) and/or the decoder."""
+        if not encoder and self.encoder_dtype != torch.float32:
+            raise CoTexNetError("set_frozen: the encoder was cast to a lower precision; it cannot train")
         self.freeze_encoder, self.freeze_decoder = encoder, decoder
         self.clip.requires_grad_(not encoder)
         self.decoder.requires_grad_(not decoder)
@@ -167,7 +228,7 @@ class CoTexNet(nn.Module):
         layers = vision.encoder.layers
         outputs = {}
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
-            hidden = vision.pre_layrnorm(vision.embeddings(pixel_values))
+            hidden = vision.pre_layrnorm(vision.embeddings(pixel_values.to(self.encoder_dtype)))
             for i, layer in enumerate(layers):
                 if i == len(layers) - 1 and i not in self.extract_layers:
                     cls = _cls_row_of_layer(layer, hidden)
@@ -175,7 +236,14 @@ class CoTexNet(nn.Module):
                 hidden = outputs[i] = layer(hidden, None)
             else:
                 cls = hidden[:, 0]
-        return [outputs[i] for i in self.extract_layers], cls
+        return self._for_trained_parts([outputs[i] for i in self.extract_layers]), self._for_trained_parts(cls)
+
+    def _for_trained_parts(self, x):
+        """The frozen CLIP's output (a tensor or a list) as the trained float32 parts take it: as is
+        under autocast, or in float32 without it (a CLIP cast to bf16 or fp16 returns those)."""
+        if self.encoder_dtype == torch.float32 or torch.is_autocast_enabled(self.clip.text_projection.weight.device.type):
+            return x
+        return [t.float() for t in x] if isinstance(x, list) else x.float()
 
     def extract_features(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         """What the evaluation path needs from the frozen encoder, batch first, for a cache."""
@@ -204,7 +272,8 @@ class CoTexNet(nn.Module):
             eos = input_ids.argmax(dim=-1)
         else:
             eos = (input_ids == text.eos_token_id).int().argmax(dim=-1)
-        return self.clip.text_projection(hidden[torch.arange(hidden.shape[0], device=hidden.device), eos])
+        return self._for_trained_parts(
+            self.clip.text_projection(hidden[torch.arange(hidden.shape[0], device=hidden.device), eos]))
 
     # --- forward ------------------------------------------------------------------------
     def forward(self, pixel_values: torch.Tensor, roi_pixel_values: torch.Tensor | None = None,

@@ -271,6 +271,14 @@ def run_config(*changes: str):
     return mutate
 
 
+def edit_json(rel: str, fn):
+    def mutate(run: Path) -> None:
+        content = json.loads((run / rel).read_text())
+        fn(content)
+        (run / rel).write_text(json.dumps(content))
+    return mutate
+
+
 def evil_state(run: Path) -> None:
     (run / "last").mkdir()
     torch.save({"epoch": 1, "optimizer": Evil(run.parent / "pwned")}, run / "last" / "training_state.pt")
@@ -703,6 +711,12 @@ CASES = [
          ("trained on a different CLIPSeg base", "pass the base it was trained on"), ("eval",)),
     Case("checkpoint_of_another_class_count", run_copy(run_config("DATASET.num_classes=3")), "evaluate.py",
          "--run {ws}/run --out {ws}/eval", 2, ("{ws}/run/best: checkpoint has num_classes 2, expected 3",), ("eval",)),
+    Case("checkpoint_config_without_weights_hash", run_copy(edit_json("best/config.json", lambda c: c.pop("weights_sha256"))),
+         "evaluate.py", "--run {ws}/run --out {ws}/eval", 2,
+         ("{ws}/run/best/config.json: no 'weights_sha256'; an incomplete or hand-edited checkpoint config",), ("eval",)),
+    Case("checkpoint_num_classes_as_text", run_copy(edit_json("best/config.json", lambda c: c.update(num_classes="2"))),
+         "evaluate.py", "--run {ws}/run --out {ws}/eval", 2,
+         ("{ws}/run/best/config.json: num_classes is '2' (str), expected int",), ("eval",)),
     Case("checkpoint_weights_tampered", run_copy(lambda r: open(r / "best/model.safetensors", "ab").write(b"\0")),
          "evaluate.py", "--run {ws}/run --out {ws}/eval", 2,
          ("{ws}/run/best/model.safetensors: does not match config.json",), ("eval",)),
@@ -738,11 +752,11 @@ CASES = [
     Case("predict_two_inputs_one_stem", predict_inputs("a.jpg", "a.png"), "predict.py",
          "--run {run} --input {ws}/in --output {ws}/out", 2, ("a.jpg", "a.png")),
     # safety ------------------------------------------------------------------------------------
-    Case("import_pickle_with_code", files(evil__pth=evil_pth), "model.checkpoint",
-         "import --pth {ws}/evil.pth --clipseg {clipseg} --out {ws}/out", 2,
+    Case("import_pickle_with_code", files(evil__pth=evil_pth), "model.paper_import",
+         "--pth {ws}/evil.pth --clipseg {clipseg} --out {ws}/out", 2,
          ("{ws}/evil.pth: holds pickled objects beyond tensors", "--trust-pickle"), ("pwned", "out")),
-    Case("import_not_a_checkpoint", files(x__pth="not a checkpoint"), "model.checkpoint",
-         "import --pth {ws}/x.pth --clipseg {clipseg} --out {ws}/out", 2,
+    Case("import_not_a_checkpoint", files(x__pth="not a checkpoint"), "model.paper_import",
+         "--pth {ws}/x.pth --clipseg {clipseg} --out {ws}/out", 2,
          ("{ws}/x.pth: not a readable torch checkpoint",), ("out",)),
     Case("clipseg_weights_pickled_with_code", clipseg_pickled_with_code, "train.py", TRAIN_ARGS, 2,
          ("{ws}/clipseg",), ("pwned", *NO_RUN)),
@@ -867,7 +881,7 @@ LOADERS = re.compile(r"torch\.load\(|pickle\.loads?\(|pickle\.Unpickler\(|yaml\.
 def test_every_checkpoint_load_is_safe():
     """torch.load only with weights_only=True, or weights_only=False behind the explicit trust
     flag; no other unpickling, no yaml.load, no np.load of pickles anywhere in the project."""
-    allowed_unsafe = {("model/checkpoint.py", "if trust_pickle:")}
+    allowed_unsafe = {("model/paper_import.py", "if trust_pickle:")}
     listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.py"], cwd=REPO,
                             capture_output=True, text=True, check=True).stdout.split()
     found = []
@@ -883,5 +897,5 @@ def test_every_checkpoint_load_is_safe():
                 continue
             context = lines[i - 1].strip()
             assert (rel, context) in allowed_unsafe and "weights_only=False" in line, f"{rel}:{i + 1}: {line.strip()}"
-    assert "model/checkpoint.py" in found and "train_utils/run_state.py" in found  # the grep sees the real loaders
+    assert "model/paper_import.py" in found and "train_utils/run_state.py" in found  # the grep sees the real loaders
 

@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from common.errors import CoTexNetError, run_cli
-from model import checkpoint
-from model.checkpoint import export_full, import_paper_checkpoint, load_checkpoint, save_checkpoint
+from model import CoTexNet as cotexnet_module
+from model import checkpoint, paper_import
+from model.checkpoint import export_full, load_checkpoint, save_checkpoint
 from model.CoTexNet import CoTexNet
 from model.tiny import CLIP_BOS, CLIP_EOS, build_clipseg, tiny_clipseg_config
 
@@ -105,6 +106,54 @@ def test_full_export_needs_no_base(clipseg, inputs, tmp_path):
         assert torch.equal(model(**inputs).logits, loaded(**inputs).logits)
 
 
+def test_pretrained_entry_points_round_trip(clipseg, inputs, tmp_path):
+    model = trained_model(clipseg, 3)
+    assert model.save_pretrained(tmp_path / "ck", extra={"epoch": 2}) == tmp_path / "ck"
+    loaded = CoTexNet.from_pretrained(tmp_path / "ck", clipseg=clipseg, num_classes=3)
+    assert load_checkpoint(tmp_path / "ck", clipseg)[1] == {"epoch": 2}
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, loaded(**inputs).logits)
+    with pytest.raises(CoTexNetError, match="expected 2"):
+        CoTexNet.from_pretrained(tmp_path / "ck", clipseg=clipseg, num_classes=2)
+
+
+def _count_hashes(monkeypatch) -> list:
+    calls = []
+    real = cotexnet_module.clip_fingerprint
+
+    def counted(clip):
+        calls.append(1)
+        return real(clip)
+
+    monkeypatch.setattr(cotexnet_module, "clip_fingerprint", counted)
+    return calls
+
+
+def test_saving_twice_hashes_the_frozen_clip_once(clipseg, tmp_path, monkeypatch):
+    model = trained_model(clipseg)
+    calls = _count_hashes(monkeypatch)
+    save_checkpoint(model, tmp_path / "a")
+    model.save_pretrained(tmp_path / "b")
+    assert len(calls) == 1
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["base_fingerprint"] == \
+        json.loads((tmp_path / "b" / "config.json").read_text())["base_fingerprint"]
+
+
+def test_a_trained_encoder_is_hashed_again_after_it_changes(clipseg, inputs, monkeypatch):
+    model = CoTexNet.from_clipseg(build_clipseg(tiny_clipseg_config(), seed=5), freeze_encoder=False)
+    before = checkpoint.base_fingerprint(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(**inputs).logits.sum().backward()
+    optimizer.step()
+    calls = _count_hashes(monkeypatch)
+    after = checkpoint.base_fingerprint(model)
+    assert len(calls) == 1 and after != before
+    assert checkpoint.base_fingerprint(model) == after and len(calls) == 1  # unchanged since: memoised
+    with torch.no_grad():  # a load into the same tensors changes it too
+        model.clip.text_projection.weight.mul_(2)
+    assert checkpoint.base_fingerprint(model) != after
+
+
 # --- the paper's format ---------------------------------------------------------------------
 def paper_state_dict(model: CoTexNet) -> dict[str, torch.Tensor]:
     """`model` in the paper's layout (README of the parity fixture): a second vision encoder
@@ -137,8 +186,8 @@ def paper_state_dict(model: CoTexNet) -> dict[str, torch.Tensor]:
 def test_paper_import_maps_every_key(clipseg, tmp_path, num_classes):
     source = trained_model(clipseg, num_classes)
     torch.save({"model": paper_state_dict(source), "epoch": 3, "best_dice": 0.8}, tmp_path / "p.pth")
-    imported = import_paper_checkpoint(tmp_path / "p.pth", clipseg)
-    assert imported.num_classes == num_classes
+    imported, meta = paper_import.import_paper_checkpoint(tmp_path / "p.pth", clipseg)
+    assert imported.num_classes == num_classes and meta == {"epoch": 3, "best_dice": 0.8}
     for name, tensor in source.state_dict().items():
         assert torch.equal(tensor, imported.state_dict()[name]), name
 
@@ -149,7 +198,7 @@ def test_paper_import_checks_duplicates_and_base(clipseg, tmp_path):
 
     def attempt(state, **kw):
         torch.save({"model": state}, tmp_path / "p.pth")
-        return import_paper_checkpoint(tmp_path / "p.pth", clipseg, **kw)
+        return paper_import.import_paper_checkpoint(tmp_path / "p.pth", clipseg, **kw)[0]
 
     assert torch.equal(attempt(base).roi_mapper[0].weight, source.roi_mapper[0].weight)
     for duplicate in ("im2text.vision_model.post_layernorm.bias", "clipsegp.clipseg.img_projection.fc_out.bias"):
@@ -183,21 +232,21 @@ def test_pickled_config_needs_explicit_trust(clipseg, tmp_path, monkeypatch):
     monkeypatch.delitem(sys.modules, "paper_config")
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tmp_path)])
     with pytest.raises(CoTexNetError, match="trust_pickle=True"):
-        import_paper_checkpoint(tmp_path / "p.pth", clipseg)
-    model = import_paper_checkpoint(tmp_path / "p.pth", clipseg, trust_pickle=True)
-    assert model.num_classes == 2
+        paper_import.import_paper_checkpoint(tmp_path / "p.pth", clipseg)
+    model, meta = paper_import.import_paper_checkpoint(tmp_path / "p.pth", clipseg, trust_pickle=True)
+    assert model.num_classes == 2 and meta == {}  # the pickled config object is not a plain value
 
 
 def test_import_command_line(clipseg, clipseg_folder, tmp_path, capsys):
     torch.save({"model": paper_state_dict(trained_model(clipseg, 3)), "epoch": 12}, tmp_path / "p.pth")
-    checkpoint.main(["import", "--pth", str(tmp_path / "p.pth"), "--clipseg", str(clipseg_folder),
-                     "--out", str(tmp_path / "ck")])
+    paper_import.main(["--pth", str(tmp_path / "p.pth"), "--clipseg", str(clipseg_folder),
+                       "--out", str(tmp_path / "ck")])
     assert "3-class checkpoint" in capsys.readouterr().out
     model, extra = load_checkpoint(tmp_path / "ck")
     assert model.num_classes == 3 and extra["epoch"] == 12
     checkpoint.main(["export", "--checkpoint", str(tmp_path / "ck"), "--out", str(tmp_path / "full")])
     assert load_checkpoint(tmp_path / "full")[0].num_classes == 3
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(checkpoint.main, ["import", "--pth", str(tmp_path / "none.pth"), "--clipseg", str(clipseg_folder),
-                                  "--out", str(tmp_path / "x")])
+        run_cli(paper_import.main, ["--pth", str(tmp_path / "none.pth"), "--clipseg", str(clipseg_folder),
+                                    "--out", str(tmp_path / "x")])
     assert exit_info.value.code == 2 and "none.pth: not found" in capsys.readouterr().err

@@ -10,8 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model.checkpoint import import_paper_checkpoint, save_checkpoint
+from model.checkpoint import save_checkpoint
 from model.CoTexNet import CoTexNet
+from model.paper_import import import_paper_checkpoint
 from model.tiny import CLIP_BOS, CLIP_EOS, build_clipseg, real_size_clipseg_config
 from train_utils.losses import CoTexNetLoss, distillation_kl
 
@@ -33,7 +34,7 @@ def parity_base():
 def test_paper_checkpoint_reproduces_every_tensor(parity_base, kind):
     inputs = load_file(PARITY / "inputs.safetensors")
     expected = load_file(PARITY / f"expected_{kind}.safetensors")
-    model = import_paper_checkpoint(PARITY / f"original_ckpt_{kind}.pth", parity_base)
+    model = import_paper_checkpoint(PARITY / f"original_ckpt_{kind}.pth", parity_base)[0]
     pixels, roi, ids, mask = inputs["pixel_values"], inputs["roi_img"], inputs["input_ids"], inputs["attention_mask"]
     with torch.no_grad():
         train, test = model(pixels, roi, ids, mask), model(pixels)

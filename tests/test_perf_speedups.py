@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 
+from common.errors import CoTexNetError
 from model.CoTexNet import CoTexNet
 from model.feature_cache import FeatureCache
 from model.tiny import build_clipseg, tiny_clipseg_config
@@ -169,3 +170,134 @@ def test_without_a_folder_a_full_memory_just_recomputes(model, pixels, tmp_path)
     cache.features(model, pixels, paths)
     assert (cache.hits, cache.misses) == (0, 2 * B)
     assert not any(tmp_path.rglob("*.safetensors"))
+
+
+def test_the_cache_works_under_cpu_bf16_autocast(model, pixels, tmp_path):
+    # The bench's validation pass runs the cache inside autocast; CPU autocast rejects float16
+    # tensors in ops such as stack.
+    paths = _image_files(tmp_path, B)
+    cache = FeatureCache(model, 224, memory_mb=64)
+    with torch.no_grad():
+        outside = cache.features(model, pixels, paths)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            inside = cache.features(model, pixels, paths)
+            logits = model.forward_features(inside).logits
+        reference = model(pixels).logits
+    assert cache.hits == B
+    for name in outside:
+        assert torch.equal(inside[name], outside[name]), name
+    assert _relative(logits, reference) < 1e-2
+
+
+# --- the frozen CLIP kept in bf16 (train.py, evaluate.py, predict.py under bf16 autocast) --------
+@pytest.fixture(scope="module")
+def prompt():
+    from model.tiny import CLIP_BOS, CLIP_EOS
+
+    ids = torch.randint(1000, 40000, (B, 9), generator=torch.Generator().manual_seed(2))
+    ids[:, 0], ids[:, 8] = CLIP_BOS, CLIP_EOS
+    return ids
+
+
+def _cast_copy(seed=3):
+    reference = CoTexNet.from_clipseg(build_clipseg(_config([0, 1]), seed=seed))
+    cast = CoTexNet.from_clipseg(build_clipseg(_config([0, 1]), seed=seed))
+    cast.load_state_dict(reference.state_dict())
+    cast.cast_frozen_encoder(torch.bfloat16)
+    return reference, cast
+
+
+def test_cast_keeps_the_clip_in_bf16_and_the_trained_parts_in_float32():
+    _, model = _cast_copy()
+    assert {p.dtype for p in model.clip.parameters()} == {torch.bfloat16}
+    assert not any(p.requires_grad for p in model.clip.parameters())
+    trained = [(n, p) for n, p in model.named_parameters() if not n.startswith("clip.")]
+    assert trained and all(p.dtype == torch.float32 and p.requires_grad for _, p in trained)
+    assert model.encoder_dtype == torch.bfloat16
+    with pytest.raises(CoTexNetError, match="cannot train"):
+        model.set_frozen(encoder=False)
+    trains = CoTexNet.from_clipseg(build_clipseg(_config([0, 1]), seed=3), freeze_encoder=False)
+    with pytest.raises(CoTexNetError, match="needs float32"):
+        trains.cast_frozen_encoder(torch.bfloat16)
+
+
+def test_cast_model_computes_the_float32_function_within_1e_2(pixels, prompt):
+    reference, model = _cast_copy()
+    with torch.no_grad():
+        full_train = reference(pixels, pixels * 0.5, prompt).logits
+        full_eval = reference(pixels).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half_train = model(pixels, pixels * 0.5, prompt).logits
+            half_eval = model(pixels).logits
+        plain = model(pixels).logits  # outside autocast the trained parts get float32 inputs
+    assert _relative(half_train, full_train) < 1e-2
+    assert _relative(half_eval, full_eval) < 1e-2 and plain.dtype == torch.float32
+    assert _relative(plain, full_eval) < 1e-2
+
+
+def test_cast_model_trains_its_mapper_through_the_bf16_text_encoder(pixels, prompt):
+    _, model = _cast_copy()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(pixels, pixels * 0.5, prompt)
+    out.logits.float().sum().backward()
+    assert model.roi_mapper[0].weight.grad.dtype == torch.float32
+    assert model.roi_mapper[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.clip.parameters())
+
+
+def test_cast_model_saves_float32_weights_and_the_base_fingerprint_as_loaded(tmp_path):
+    from safetensors.torch import load_file
+
+    from model.checkpoint import base_fingerprint, load_checkpoint, save_checkpoint
+
+    reference, model = _cast_copy()
+    assert base_fingerprint(model) == base_fingerprint(reference)
+    save_checkpoint(model, tmp_path / "ck")
+    stored = load_file(tmp_path / "ck" / "model.safetensors")
+    assert stored and {t.dtype for t in stored.values()} == {torch.float32}
+    base = build_clipseg(_config([0, 1]), seed=3)  # the fp32 base it was trained on: accepted
+    loaded, _ = load_checkpoint(tmp_path / "ck", clipseg=base)
+    for name, tensor in reference.state_dict().items():
+        if not name.startswith("clip."):
+            assert torch.equal(tensor, loaded.state_dict()[name]), name
+
+
+def test_the_cache_keys_the_encoder_dtype_and_stores_bf16_features(pixels, tmp_path):
+    reference, model = _cast_copy()
+    path = _image_files(tmp_path, 1)[0]
+    cache = FeatureCache(model, 224)
+    assert cache.key(path) != FeatureCache(reference, 224).key(path)
+    features = cache.features(model, pixels[:1], [path])
+    assert {t.dtype for t in features.values()} == {torch.bfloat16}
+    with pytest.raises(CoTexNetError, match="built for a torch.bfloat16 encoder"):
+        cache.features(reference, pixels[:1], [path])
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16), ("no", torch.float32)])
+def test_apply_precision_casts_the_frozen_clip_for_mixed_precision_only(precision, dtype):
+    from types import SimpleNamespace
+
+    from train_utils.precision import apply_precision
+
+    model = CoTexNet.from_clipseg(build_clipseg(_config([0, 1]), seed=3))
+    apply_precision(model, SimpleNamespace(mixed_precision=precision))
+    assert model.encoder_dtype == dtype and model.decoder.film_mul.weight.dtype == torch.float32
+    trains = CoTexNet.from_clipseg(build_clipseg(_config([0, 1]), seed=3), freeze_encoder=False)
+    apply_precision(trains, SimpleNamespace(mixed_precision=precision))
+    assert trains.encoder_dtype == torch.float32  # a trained encoder keeps float32 master weights
+
+
+def test_the_bench_defaults_to_the_precision_train_py_picks_here():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    # In child processes: accelerate's state, once made with a precision, stays for the process.
+    picked = subprocess.run([sys.executable, "-c", "from train_utils.config import load_config; "
+                             "from train_utils.precision import make_accelerator; "
+                             "print(make_accelerator(load_config(None, ['TRAIN.device=cpu'])).mixed_precision)"],
+                            cwd=repo, capture_output=True, text=True, check=True).stdout.split()[-1]
+    shown = subprocess.run([sys.executable, str(repo / "tools" / "bench.py"), "--help"], capture_output=True,
+                           text=True, check=True).stdout
+    assert f"this CPU ({'fp32' if picked == 'no' else picked})" in " ".join(shown.split())

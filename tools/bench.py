@@ -12,18 +12,27 @@ and it prints the paper code's own figures (quiet machine of this kind) for refe
 Text generation: ROIs/s of the tiny random LLaVA, batch 1 unconstrained (the paper's way)
 vs one batched grammar-constrained call.
 
-Run: `make bench`, or `python tools/bench.py [--quick] [--batch 4] [--threads 2] [--dtype fp32]`.
-Timings are medians; on a shared machine they vary with its load (printed with the table).
+In one run: this code in fp32 and, on a CPU with native bf16 (what train.py then picks), in bf16
+with the frozen CLIP cast once, beside the paper-like computation in fp32 (the paper's AMP is
+CUDA-only) and the frozen ViT forward alone (the floor of a training step); peak RSS of each
+configuration's training, each measured in a child process of its own.
+
+Run: `make bench`, or `python tools/bench.py [--quick] [--batch 4] [--threads 2] [--dtype bf16]`.
+Timings are medians of rounds in which the configurations take turns; on a shared machine they
+vary with its load (printed with the table): compare the ratios.
 """
 
 import sys, pathlib; sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])  # noqa: E401,E702,I001
 
 import argparse
 import contextlib
+import copy
+import json
 import os
 import platform
 import resource
 import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -60,6 +69,12 @@ def progress(message: str) -> None:
 
 
 def peak_rss_gb() -> float:
+    """This process's peak resident memory. VmHWM, not getrusage: after fork and exec, ru_maxrss
+    still counts the parent's memory."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
@@ -100,15 +115,16 @@ def synthetic_batch(tokenizer, batch: int, size: int, seed: int, pad_to: int | N
     return out
 
 
-def paper_like_forward(model, batch: dict, train: bool):
-    """The paper's computation on our model: two full vision calls, 77-token text, and on the
+def paper_like_forward(model, batch: dict, train: bool, roi_vision=None):
+    """The paper's computation on our model: two full vision calls (the ROI's through
+    `roi_vision`, the paper's second copy of the encoder, when given), 77-token text, and on the
     evaluation path the text encoder too (its result unused, as in the paper's code)."""
     from model.CoTexNet import CoTexNetOutput
 
     vision = model.clip.vision_model
     with torch.no_grad():
         image = vision(batch["pixel_values"], output_hidden_states=True)
-        roi = vision(batch["roi_pixel_values"], output_hidden_states=True) if train else None
+        roi = (roi_vision or vision)(batch["roi_pixel_values"], output_hidden_states=True) if train else None
     activations = [image.hidden_states[i + 1] for i in model.extract_layers]
     img_embedding = model.img2text(image.last_hidden_state[:, 0])
     if train:
@@ -124,73 +140,173 @@ def paper_like_forward(model, batch: dict, train: bool):
     return CoTexNetOutput(logits, img_embedding, text.detach() if train else None, condition)
 
 
-def bench_segmentation(args, rows: list, notes: list) -> None:
-    from model.checkpoint import save_checkpoint
-    from model.CoTexNet import CoTexNet
-    from model.feature_cache import FeatureCache
-    from model.tiny import build_clipseg, clip_tokenizer, real_size_clipseg_config, tiny_clipseg_config
-    from train_utils.losses import CoTexNetLoss
-    from train_utils.metrics import image_metrics, predict_labels
+def default_dtype() -> str:
+    """The precision train.py picks on this CPU (train_utils.precision.make_accelerator with TRAIN.amp on)."""
+    return "bf16" if cpu_has_native_bf16() else "fp32"
 
-    config = tiny_clipseg_config() if args.quick else real_size_clipseg_config()
-    model = CoTexNet.from_clipseg(build_clipseg(config, seed=0))
-    tokenizer = clip_tokenizer()
-    size = config.vision_config.image_size
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.dtype == "bf16" else contextlib.nullcontext
-    criterion = CoTexNetLoss(2)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4, weight_decay=1e-4)
-    batch = synthetic_batch(tokenizer, args.batch, size, seed=1)
-    padded = synthetic_batch(tokenizer, args.batch, size, seed=1, pad_to=77)
-    notes.append(f"prompt tokens per batch: {batch['input_ids'].shape[1]} (trimmed to the longest), "
-                 f"paper-like: {padded['input_ids'].shape[1]}")
 
-    # Same function both ways (a check that the timed paths compute the same thing).
-    with torch.no_grad():
-        ours, ref = model(**_model_inputs(batch)), paper_like_forward(model, padded, train=True)
-    diff = ((ours.logits - ref.logits).abs().max() / ref.logits.abs().max()).item()
-    notes.append(f"check: this code's training forward equals the paper-like one (max logit difference "
-                 f"{diff:.1e} of the largest logit)")
+def autocast_of(dtype: str):
+    return (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == "bf16" else contextlib.nullcontext
 
-    def step(forward):
+
+class Setup:
+    """The real-size (or tiny) model, its data and the training-step closures of one configuration:
+    "fp32", "bf16" (the frozen CLIP cast once, the rest under autocast, as train.py does) or
+    "paper" (the paper-like computation, fp32: the paper's AMP is CUDA-only)."""
+
+    def __init__(self, args):
+        from model.CoTexNet import CoTexNet
+        from model.tiny import build_clipseg, clip_tokenizer, real_size_clipseg_config, tiny_clipseg_config
+        from train_utils.losses import CoTexNetLoss
+
+        self.config = tiny_clipseg_config() if args.quick else real_size_clipseg_config()
+        self.size = self.config.vision_config.image_size
+        self.base = lambda: CoTexNet.from_clipseg(build_clipseg(self.config, seed=0))
+        self.tokenizer = clip_tokenizer()
+        self.criterion = CoTexNetLoss(2)
+        self.batch = synthetic_batch(self.tokenizer, args.batch, self.size, seed=1)
+        self.padded = synthetic_batch(self.tokenizer, args.batch, self.size, seed=1, pad_to=77)
+
+    def model(self, kind: str, like=None):
+        """A fresh model of configuration `kind`, with the weights of `like` when given."""
+        model = self.base() if like is None else copy.deepcopy(like)
+        if kind == "bf16":
+            model.cast_frozen_encoder(torch.bfloat16)
+        if kind == "paper":
+            model.roi_vision = copy.deepcopy(model.clip.vision_model)  # the paper's second copy
+        return model
+
+    def step(self, model, kind: str, compiled=None):
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4, weight_decay=1e-4)
+        autocast = autocast_of("bf16" if kind == "bf16" else "fp32")
+        forward = compiled or model
+        if kind == "paper":
+            def run_forward():
+                return paper_like_forward(model, self.padded, True, model.roi_vision)
+        else:
+            def run_forward():
+                return forward(**_model_inputs(self.batch))
+
         def run():
+            model.train()
             with autocast():
-                losses = criterion(forward(), batch["label"])
+                losses = self.criterion(run_forward(), self.batch["label"])
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             optimizer.step()
         return run
 
-    ours, like = step(lambda: model(**_model_inputs(batch))), step(lambda: paper_like_forward(model, padded, True))
-    progress(f"training: {args.warmup} warm-up + {args.steps} timed steps" + (", alternating with the paper-like "
-                                                                             "step" if args.baseline else ""))
-    model.train()
+    def floor(self, model, kind: str):
+        """The frozen ViT forward alone over a step's images (image and ROI): what no code can skip."""
+        images = torch.cat([self.batch["pixel_values"], self.batch["roi_pixel_values"]])
+        autocast = autocast_of(kind)
+
+        @torch.no_grad()
+        def run():
+            with autocast():
+                model.encode_images(images)
+        return run
+
+
+def measure_rss(args) -> None:
+    """Child process of the bench: peak RSS (whole process, from its start) of `args.rss_of`'s
+    training: the model built as train.py builds it, then warm-up and two steps."""
+    setup = Setup(args)
+    kind = args.rss_of
+    model = setup.model(kind)
+    run = setup.step(model, kind)
+    for _ in range(args.warmup + 2):
+        run()
+    print(json.dumps(dict(peak_rss_gb=peak_rss_gb())))
+
+
+def rss_in_child(args, kind: str) -> float | None:
+    command = [sys.executable, str(Path(__file__).resolve()), "--rss-of", kind, "--batch", str(args.batch),
+               "--threads", str(args.threads), "--warmup", str(args.warmup)] + (["--quick"] if args.quick else [])
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        notes_line = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        progress(f"peak RSS of {kind}: child failed ({notes_line})")
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_gb"]
+
+
+def bench_segmentation(args, rows: list, notes: list) -> None:
+    from model.checkpoint import save_checkpoint
+    from model.feature_cache import FeatureCache
+    from train_utils.metrics import image_metrics, predict_labels
+
+    mixed = args.dtype == "bf16"
+    kinds = ["fp32", "bf16"] if mixed else ["fp32"]
+    chosen = args.dtype
+    setup = Setup(args)
+    batch, padded, size = setup.batch, setup.padded, setup.size
+    models = {"fp32": setup.base()}
+    if mixed:
+        models["bf16"] = setup.model("bf16", like=models["fp32"])
+    if args.baseline:
+        models["paper"] = setup.model("paper", like=models["fp32"])
+    notes.append(f"prompt tokens per batch: {batch['input_ids'].shape[1]} (trimmed to the longest), "
+                 f"paper-like: {padded['input_ids'].shape[1]}")
+
+    # Same function every way (a check that the timed paths compute the same thing).
+    with torch.no_grad():
+        ref = models["fp32"](**_model_inputs(batch)).logits
+        if args.baseline:
+            like = paper_like_forward(models["paper"], padded, True, models["paper"].roi_vision).logits
+            notes.append(f"check: this code's training forward equals the paper-like one (max logit difference "
+                         f"{_rel(like, ref):.1e} of the largest logit)")
+        if mixed:
+            with autocast_of("bf16")():
+                half = models["bf16"](**_model_inputs(batch)).logits
+            notes.append(f"check: bf16 (CLIP cast once) vs fp32 logits: max difference {_rel(half, ref):.1e} of the "
+                         f"largest logit (bound 1e-2: {'met' if _rel(half, ref) <= 1e-2 else 'EXCEEDED'})")
+
+    compiled = None
+    if args.compile:
+        progress(f"torch.compile of the {chosen} model's frozen encoder and decoder")
+        models["compiled"] = setup.model(chosen, like=models["fp32"])
+        models["compiled"].compile_parts()
+        compiled_step = setup.step(models["compiled"], chosen)
+        start = time.perf_counter()
+        compiled_step()
+        compiled = time.perf_counter() - start
+
+    steps = {kind: setup.step(models[kind], kind) for kind in kinds}
+    if args.baseline:
+        steps["paper"] = setup.step(models["paper"], "paper")
+    if args.compile:
+        steps["compiled"] = compiled_step
+    floors = {f"floor_{kind}": setup.floor(models[kind], kind) for kind in kinds}
+    progress(f"training: {args.warmup} warm-up + {args.steps} timed rounds of {', '.join(steps)} and the ViT floor")
     for _ in range(args.warmup):
-        ours()
-    rss = peak_rss_gb()  # this code's training peak (reached in the first steps), before the paper-like path runs
-    for _ in range(args.warmup if args.baseline else 0):
-        like()
-    train = interleaved(dict(ours=ours, like=like) if args.baseline else dict(ours=ours), args.steps)
+        for run in steps.values():
+            run()
+    train = interleaved({**steps, **floors}, args.steps)
 
     # Evaluation: forward only; validation: forward + prediction + per-image metrics.
-    model.eval()
+    for model in models.values():
+        model.eval()
     n_val = args.val_batches * args.batch
-    val_batches = [synthetic_batch(tokenizer, args.batch, size, seed=100 + i) for i in range(args.val_batches)]
-    val_padded = [synthetic_batch(tokenizer, args.batch, size, seed=100 + i, pad_to=77) for i in range(args.val_batches)]
+    val_batches = [synthetic_batch(setup.tokenizer, args.batch, size, seed=100 + i) for i in range(args.val_batches)]
+    val_padded = [synthetic_batch(setup.tokenizer, args.batch, size, seed=100 + i, pad_to=77)
+                  for i in range(args.val_batches)]
 
     def metrics(logits, labels):
         image_metrics(predict_labels(logits.float()), labels, 2, hd95=False)
 
-    @torch.no_grad()
-    def eval_forward():
-        for b in val_batches:
-            with autocast():
-                model(b["pixel_values"])
+    def eval_forward(kind):
+        @torch.no_grad()
+        def run():
+            for b in val_batches:
+                with autocast_of(kind)():
+                    models[kind](b["pixel_values"])
+        return run
 
     @torch.no_grad()
     def paper_eval_forward(with_metrics: bool):
         for b in val_padded:
-            with autocast():
-                out = paper_like_forward(model, b, train=False)
+            out = paper_like_forward(models["paper"], b, train=False)
             if with_metrics:
                 metrics(out.logits, b["label"])
 
@@ -201,13 +317,15 @@ def bench_segmentation(args, rows: list, notes: list) -> None:
             for p in group:
                 p.write_bytes(p.name.encode())
         cache_holder = {}
+        model = models[chosen]
 
         @torch.no_grad()
-        def val_pass():
+        def val_pass():  # as loops.evaluate: the cache outside autocast, the decoder inside
             cache = cache_holder["cache"]
             for b, group in zip(val_batches, paths, strict=True):
-                with autocast():
-                    out = model.forward_features(cache.features(model, b["pixel_values"], group))
+                features = cache.features(model, b["pixel_values"], group)
+                with autocast_of(chosen)():
+                    out = model.forward_features(features)
                 metrics(out.logits, b["label"])
 
         def new_cache():  # an empty cache: the next pass is a first epoch
@@ -217,47 +335,77 @@ def bench_segmentation(args, rows: list, notes: list) -> None:
         progress(f"evaluation and validation: {repeats} rounds over {n_val} images")
         new_cache()
         val_pass()  # warm-up of the cached path's allocations
-        rounds = dict(eval=eval_forward, new_cache=new_cache, cold=val_pass, cached=val_pass, cached2=val_pass)
+        rounds = {f"eval_{kind}": eval_forward(kind) for kind in kinds}
+        rounds.update(new_cache=new_cache, cold=val_pass, cached=val_pass, cached2=val_pass)
         if args.baseline:
             rounds.update(paper_eval=lambda: paper_eval_forward(False), paper_val=lambda: paper_eval_forward(True))
         evals = interleaved(rounds, repeats)
         evals["cached"] += evals.pop("cached2")
         ckpt = save_checkpoint(model, Path(tmp) / "ckpt")
         ckpt_mb = sum(f.stat().st_size for f in ckpt.iterdir()) / 1e6
+        cache_dtype = str(cache_holder["cache"].dtype).removeprefix("torch.")
+
+    progress("peak RSS: one child process per configuration")
+    rss = {kind: rss_in_child(args, kind) for kind in kinds + (["paper"] if args.baseline else [])}
 
     med = statistics.median
-    params = sum(p.numel() for p in model.parameters()) / 1e6
-    trained = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
-    train_times, paper_train = train["ours"], train.get("like")
-    step_s = med(train_times)
-    here = dict(train_step=step_s, eval_forward=med(evals["eval"]) / n_val, val_cold=med(evals["cold"]) / n_val,
-                val_cached=med(evals["cached"]) / n_val)
-    like = (dict(train_step=med(paper_train), eval_forward=med(evals["paper_eval"]) / n_val,
-                 val_pass=med(evals["paper_val"]) / n_val) if args.baseline else {})
+    params = sum(p.numel() for p in models["fp32"].parameters()) / 1e6
+    trained = sum(p.numel() for p in models["fp32"].parameters() if p.requires_grad) / 1e6
+    step = {kind: med(train[kind]) for kind in steps}
+    floor = {kind: med(train[f"floor_{kind}"]) for kind in kinds}
+    ev = {kind: med(evals[f"eval_{kind}"]) / n_val for kind in kinds}
+    paper_eval = med(evals["paper_eval"]) / n_val if args.baseline else None
+    paper_val = med(evals["paper_val"]) / n_val if args.baseline else None
     paper = PAPER if not args.quick else {}
 
-    def ratio(a, b):
-        return f"{b / a:.1f}x" if a and b else ""
+    def cells(values: dict, digits: int = 3) -> list[str]:
+        return [_f(values.get(kind), digits) for kind in kinds]
 
+    def target(text: str, ok: bool | None, measured: str) -> str:
+        return "" if ok is None else f"{text}: {'met' if ok else 'MISSED'}, {measured}"
+
+    def spread(times):
+        return f"{min(times):.2f}..{max(times):.2f}" if times else ""
+
+    best, like_step = step[kinds[-1]], step.get("paper")
     rows += [
-        ("train step (s, median)", f"{step_s:.3f}", _f(like.get("train_step")), _f(paper.get("train_step")),
-         ratio(step_s, like.get("train_step")), "<= 0.90 s (2x)"),
-        ("  spread (min..max)", f"{min(train_times):.2f}..{max(train_times):.2f}",
-         f"{min(paper_train):.2f}..{max(paper_train):.2f}" if paper_train else "", "", "", ""),
-        ("samples/s (training)", f"{args.batch / step_s:.2f}", _f(args.batch / like["train_step"] if like else None, 2),
-         _f(args.batch / PAPER["train_step"] if paper else None, 2), "", ""),
-        ("eval forward (s/image)", f"{here['eval_forward']:.3f}", _f(like.get("eval_forward")),
-         _f(paper.get("eval_forward")), ratio(here["eval_forward"], like.get("eval_forward")), ""),
-        ("validation, 1st epoch (s/image)", f"{here['val_cold']:.3f}", _f(like.get("val_pass")),
-         _f(paper.get("val_pass")), ratio(here["val_cold"], like.get("val_pass")), ""),
-        ("validation, cached (s/image)", f"{here['val_cached']:.4f}", _f(like.get("val_pass")),
-         _f(paper.get("val_pass")), ratio(here["val_cached"], like.get("val_pass")), "<= 0.027 (10x)"),
-        ("peak RSS, training (GB)", f"{rss:.2f}", "", _f(paper.get("peak_rss_gb"), 2), "", "<= 1.9"),
-        ("checkpoint (MB)", f"{ckpt_mb:.1f}", "", _f(paper.get("checkpoint_mb"), 0), "", "<= 50"),
-        ("parameters (M), trained", f"{params:.1f}, {trained:.2f}", "", "238.8, 3.36" if paper else "", "", ""),
+        ("train step (s, median)", *cells(step), _f(like_step), _f(paper.get("train_step")),
+         target(">= 3x paper-like", like_step / best >= 3, f"{like_step / best:.2f}x") if like_step else ""),
+        ("  spread (min..max)", *[spread(train[kind]) for kind in kinds], spread(train.get("paper")), "", ""),
+        ("frozen ViT forward alone (s)", *cells(floor), "", "", target("step <= 1.5x floor", best / floor[kinds[-1]] <= 1.5,
+                                                                      f"{best / floor[kinds[-1]]:.2f}x")),
+        ("samples/s (training)", *[_f(args.batch / step[kind], 2) for kind in kinds],
+         _f(args.batch / like_step if like_step else None, 2), _f(args.batch / PAPER["train_step"] if paper else None, 2),
+         ""),
+        ("eval forward (s/image)", *cells(ev), _f(paper_eval), _f(paper.get("eval_forward")),
+         target(">= 3x paper-like", paper_eval / ev[kinds[-1]] >= 3, f"{paper_eval / ev[kinds[-1]]:.2f}x")
+         if paper_eval else ""),
+        (f"validation, 1st epoch, {chosen} (s/image)", *[_f(med(evals["cold"]) / n_val) if k == chosen else ""
+                                                       for k in kinds], _f(paper_val), _f(paper.get("val_pass")), ""),
+        (f"validation, cached, {chosen} (s/image)", *[_f(med(evals["cached"]) / n_val, 4) if k == chosen else ""
+                                                     for k in kinds], _f(paper_val), _f(paper.get("val_pass")), ""),
+        ("peak RSS, training (GB)", *cells(rss, 2), _f(rss.get("paper"), 2), _f(paper.get("peak_rss_gb"), 2),
+         target("<= 0.75x paper-like", rss[kinds[-1]] / rss["paper"] <= 0.75, f"{rss[kinds[-1]] / rss['paper']:.2f}x")
+         if rss.get("paper") and rss[kinds[-1]] else ""),
+        ("checkpoint (MB)", *[f"{ckpt_mb:.1f}" if k == chosen else "" for k in kinds], "",
+         _f(paper.get("checkpoint_mb"), 0), ""),
+        ("parameters (M), trained", *[f"{params:.1f}, {trained:.2f}" if k == chosen else "" for k in kinds], "",
+         "238.8, 3.36" if paper else "", ""),
     ]
+    if mixed:
+        notes.append(f"bf16 eval forward vs fp32: {ev['fp32'] / ev['bf16']:.2f}x faster "
+                     f"({'not slower: met' if ev['bf16'] <= ev['fp32'] else 'SLOWER'})")
+    if compiled is not None:
+        notes.append(f"torch.compile ({chosen}, encoder and decoder): first step {compiled:.1f} s (compilation), then "
+                     f"{step['compiled']:.3f} s vs {step[chosen]:.3f} s eager ({step[chosen] / step['compiled']:.2f}x)")
     notes.append(f"validation: {n_val} images in batches of {args.batch}, tensors in memory (image decoding "
-                 "excluded); metrics without HD95 as during training; cache stores float16")
+                 f"excluded); metrics without HD95 as during training; cache stores {cache_dtype}")
+    notes.append("peak RSS: a child process per configuration builds the model as train.py does (float32, then "
+                 "the CLIP cast for bf16) and trains; the paper-like one holds the paper's second vision encoder")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
 def _model_inputs(batch: dict) -> dict:
@@ -323,8 +471,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=4, help="training and evaluation batch size (default 4)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
-                        help="fp32, or bf16 autocast (fast only on CPUs with native bf16: AVX-512 BF16, AMX)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default=default_dtype(),
+                        help="bf16: time it beside fp32 (the frozen CLIP cast once, the rest under autocast; fast "
+                             f"only on CPUs with native bf16: AVX-512 BF16, AMX); default: what train.py picks on "
+                             f"this CPU ({default_dtype()})")
     parser.add_argument("--steps", type=int, default=10, help="timed training steps (default 10; median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     parser.add_argument("--val-batches", type=int, default=4, help="validation batches per pass (default 4)")
@@ -334,7 +484,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--llava-single", type=int, default=4, help="ROIs generated one by one (default 4)")
     parser.add_argument("--llava-batch", type=int, default=16, help="ROIs in the batched call (default 16)")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="generation limit (default 512, the paper's)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the model with torch.compile (TRAIN.compile) and report its first-step cost")
     parser.add_argument("--quick", action="store_true", help="tiny model and few steps: a smoke test of this script")
+    parser.add_argument("--rss-of", choices=["fp32", "bf16", "paper"], help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args(argv)
     if min(args.batch, args.threads, args.steps, args.val_batches, args.llava_single, args.llava_batch) < 1 \
             or args.warmup < 1:
@@ -344,24 +497,31 @@ def main(argv: list[str] | None = None) -> None:
         args.llava_single, args.llava_batch, args.max_new_tokens = 2, 4, min(args.max_new_tokens, 64)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.rss_of:
+        measure_rss(args)
+        return
 
     import transformers
 
     size = "tiny" if args.quick else "real size (CIDAS/clipseg-rd64-refined architecture, random weights)"
-    print(f"settings: {size}, batch {args.batch}, {args.threads} threads, {args.dtype}, 224 px, "
-          f"{args.steps} timed steps after {args.warmup} warm-up")
+    chosen = "what train.py picks on this CPU" if args.dtype == default_dtype() else f"train.py picks {default_dtype()}"
+    print(f"settings: {size}, batch {args.batch}, {args.threads} threads, precision {args.dtype} ({chosen}), 224 px, "
+          f"{args.steps} timed rounds after {args.warmup} warm-up")
     print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
           f"({torch.backends.cpu.get_cpu_capability()}, native bf16: {cpu_has_native_bf16()}), transformers {transformers.__version__}; at start {load()}",
           flush=True)
     rows, notes = [], []
     bench_segmentation(args, rows, notes)
-    header = ("", "this code", "paper-like here", "paper code", "speed-up", "target")
-    widths = [32, 14, 16, 11, 9, 15]
+    ours = ["this code, fp32"] + (["this code, bf16"] if args.dtype == "bf16" else [])
+    header = ("", *ours, "paper-like fp32", "paper code", "target (bf16 column where there is one)")
+    widths = [38, *[17] * len(ours), 17, 12, 42]
     print()
     for row in [header, tuple("-" * (w - 1) for w in widths), *rows]:
-        print("".join(f"{cell:<{w}}" if i == 0 else f"{cell:>{w}}" for i, (cell, w) in enumerate(zip(row, widths, strict=True))))
-    print("paper-like here: the paper's computation timed on this model in this run (see --help); "
-          "paper code: its figures on a quiet machine of this kind; speed-up: paper-like here / this code")
+        print("".join(f"{cell:<{w}}" if i in (0, len(row) - 1) else f"{cell:>{w - 1}} "
+                      for i, (cell, w) in enumerate(zip(row, widths, strict=True))))
+    print("paper-like: the paper's computation timed on the same weights in this run, alternating with ours "
+          "(see --help); paper code: its own figures on a quiet machine with native bf16; frozen ViT forward "
+          "alone: this code's encoder over a step's 2 x batch images, the floor of a step")
     for note in notes:
         print(note)
     if args.text:

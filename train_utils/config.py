@@ -61,7 +61,8 @@ class TrainConfig:
     select_metric: str = "dice"  # best epoch and early stopping: dice (hard, per image) | paper_dice (soft, batch mean)
     early_stopping: str = "best"  # best: against the best so far | paper: the paper's rule (train_utils/early_stopping.py)
     loss_input: str = "logits"  # logits | paper_probabilities (the paper's DiceCE on sigmoid outputs; binary)
-    amp: bool = True  # bf16 autocast (fp16 + grad scaler on GPUs without bf16)
+    amp: bool = True  # bf16 autocast, the frozen CLIP kept in bf16 (fp16 + grad scaler on GPUs without bf16)
+    compile: bool = False  # torch.compile of the frozen encoder and the decoder (README: Speed)
     seg_weight: float = 1.0
     kl_weight: float = 10.0
     cpu_threads: int = 0  # torch intra-op threads; 0 = torch's default

@@ -122,8 +122,7 @@ def evaluate(model, loader, accelerator: Accelerator, num_classes: int, class_na
             with accelerator.autocast():
                 output = core(pixels)
         else:
-            # The cache runs the encoder in float32 and stores float16: outside autocast, whose
-            # CPU variant rejects float16 tensors.
+            # The cache runs the encoder outside autocast, in its weights' dtype (bf16 once cast).
             features = cache.features(core, pixels, multi.image_paths(loader.dataset, batch))
             with accelerator.autocast():
                 output = core.forward_features(features)

@@ -33,3 +33,14 @@ def make_accelerator(cfg: Config) -> Accelerator:
     if t.cpu_threads:
         torch.set_num_threads(t.cpu_threads)
     return Accelerator(cpu=not on_gpu, mixed_precision=precision)
+
+
+def apply_precision(model, accelerator: Accelerator, compile: bool = False) -> None:
+    """Under bf16 or fp16 autocast, the frozen CLIP's weights in that dtype, cast once here
+    instead of by autocast at every call; the trained parts stay float32. `compile`
+    (TRAIN.compile): torch.compile of the frozen encoder and the decoder."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+    if dtype is not None and model.freeze_encoder:
+        model.cast_frozen_encoder(dtype)
+    if compile:
+        model.compile_parts()

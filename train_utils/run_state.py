@@ -19,7 +19,7 @@ from accelerate import Accelerator
 
 from common.errors import CoTexNetError
 from common.io import atomic_path
-from model.checkpoint import load_checkpoint, save_checkpoint
+from model.checkpoint import load_checkpoint, load_weights_into, save_checkpoint
 from train_utils.config import Config, load_config
 from train_utils.early_stopping import EarlyStopping
 
@@ -139,8 +139,7 @@ def resume(training: Training) -> int:
                             f"training split now gives {now[-1]} ({len(training.train_loader)} per epoch); the split "
                             "changed since the run started, so the schedule would not end where it should: start a "
                             "new run (or restore the split)")
-    trained, _ = load_checkpoint(run / "last", num_classes=training.cfg.DATASET.num_classes)
-    accelerator.unwrap_model(training.model).load_state_dict(trained.state_dict())
+    load_weights_into(accelerator.unwrap_model(training.model), run / "last")
     training.optimizer.load_state_dict(state["optimizer"])
     training.scheduler.load_state_dict(state["scheduler"])
     if accelerator.scaler is not None and state["scaler"] is not None:
