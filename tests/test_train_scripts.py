@@ -98,23 +98,28 @@ def test_predict_new_images_lists_unreadable_ones(trained_run, train_setup, tmp_
         predict.main(["--run", str(tmp_path), "--input", str(inputs), "--output", str(tmp_path / "o2")])
 
 
+def stop_in_first_epoch(train_setup, run_name: str, signum) -> tuple[Path, int, str, str]:  # noqa: F811
+    """train.py in a subprocess, sent `signum` once epoch 1 is training: (run folder, exit code, stdout, stderr)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    stderr = train_setup["work"] / f"{run_name}.stderr"
+    with open(stderr, "w") as err:
+        proc = subprocess.Popen([sys.executable, "train.py", "--config", str(train_setup["config"]),
+                                 f"TRAIN.run_name={run_name}"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=err, text=True)
+        deadline = time.time() + 240
+        while "epoch 1 train" not in stderr.read_text() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)  # the progress bar's title: the stop handler is installed
+        proc.send_signal(signum)
+        out, _ = proc.communicate(timeout=240)
+    return train_setup["runs"] / run_name, proc.returncode, out, stderr.read_text()
+
+
 def test_resume_after_ctrl_c_reaches_the_same_weights(trained_run, train_setup):  # noqa: F811
     """Ctrl-C during epoch 1 finishes that epoch and saves last/; --resume then runs the rest.
     Exact: the optimizer, schedule, every RNG and the loader's shuffle generator are restored."""
     full, _ = trained_run
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    stderr = train_setup["work"] / "interrupted.stderr"
-    with open(stderr, "w") as err:
-        proc = subprocess.Popen([sys.executable, "train.py", "--config", str(train_setup["config"]),
-                                 "TRAIN.run_name=interrupted"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                stderr=err, text=True)
-        deadline = time.time() + 240
-        while "epoch 1 train" not in stderr.read_text() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.05)  # the progress bar's title: the Ctrl-C handler is installed
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=240)
-    run = train_setup["runs"] / "interrupted"
-    assert proc.returncode == 130, out + stderr.read_text()
+    run, returncode, out, err = stop_in_first_epoch(train_setup, "interrupted", signal.SIGINT)
+    assert returncode == 130, out + err
     assert "--resume" in out
     assert len(pd.read_csv(run / "log.csv")) < 3  # stopped early: there is something left to resume
     run_script("train.py", "--resume", run)
@@ -128,22 +133,11 @@ def test_resume_after_ctrl_c_reaches_the_same_weights(trained_run, train_setup):
 
 def test_sigterm_saves_last_and_exits_130(train_setup):  # noqa: F811
     """SIGTERM (a scheduler's stop) is a Ctrl-C: the epoch finishes, last/ is saved, exit 130."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    stderr = train_setup["work"] / "terminated.stderr"
-    with open(stderr, "w") as err:
-        proc = subprocess.Popen([sys.executable, "train.py", "--config", str(train_setup["config"]),
-                                 "TRAIN.run_name=terminated"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                stderr=err, text=True)
-        deadline = time.time() + 240
-        while "epoch 1 train" not in stderr.read_text() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=240)
-    run = train_setup["runs"] / "terminated"
-    assert proc.returncode == 130, out + stderr.read_text()
+    run, returncode, out, err = stop_in_first_epoch(train_setup, "terminated", signal.SIGTERM)
+    assert returncode == 130, out + err
     assert "SIGTERM: finishing this epoch" in out and f"--resume {run}" in out
     assert (run / "last" / "training_state.pt").is_file() and not (run / "metrics.json").exists()
-    assert "Traceback" not in stderr.read_text()
+    assert "Traceback" not in err
 
 
 def test_a_second_stop_request_quits_at_once():
