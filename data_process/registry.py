@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import cv2
@@ -26,6 +26,7 @@ from data_process import layout
 
 REGISTRY_FILE = Path(__file__).resolve().parents[1] / "dataset_config" / "datasets.yaml"
 SHOW = 5  # names listed in warnings
+MIN_MASK_SIDE = 4  # pixels: a smaller mask cannot be a downscaled copy of its image's label
 # Pillow modes numpy cannot take as they are: bits, 16-bit variants.
 _PLAIN_MODES = {"1": "L", "I;16": "I", "I;16L": "I", "I;16B": "I", "I;16N": "I"}
 # Modes read as they are; any other colour model (CMYK, YCbCr, LAB, HSV) is converted (images) or refused (masks).
@@ -187,7 +188,7 @@ def read_mask(path, spec: DatasetSpec, size: tuple[int, int] | None = None,
         label = _check_labels(array if array.ndim == 2 else array[:, :, 0], spec, path)
     else:
         label = _binary(path, spec, binarize)
-    return _resize(label, size)
+    return _resize(label, size, path)
 
 
 def _mask_image(path) -> Image.Image:
@@ -208,7 +209,8 @@ def category_masks(path, spec: DatasetSpec, size: tuple[int, int] | None = None,
     files = category_files(path, spec)
     first = _binary(files[0], spec, binarize)
     size = size or (first.shape[1], first.shape[0])  # categories of another size follow the first
-    return [_resize(first if i == 0 else _binary(file, spec, binarize), size) > 0 for i, file in enumerate(files)]
+    return [_resize(first if i == 0 else _binary(file, spec, binarize), size, file) > 0
+            for i, file in enumerate(files)]
 
 
 def _binary(path, spec: DatasetSpec, binarize: str) -> np.ndarray:
@@ -247,10 +249,17 @@ def _palette_foreground(path, indices: np.ndarray) -> np.ndarray:
     return (indices > 0).astype(np.uint8)
 
 
-def _resize(label: np.ndarray, size) -> np.ndarray:
-    if size is not None and (label.shape[1], label.shape[0]) != tuple(size):
-        label = cv2.resize(label, tuple(size), interpolation=cv2.INTER_NEAREST)
-    return label
+def _resize(label: np.ndarray, size, path) -> np.ndarray:
+    """`label` at `size` (w, h) of its image, resized only when it is the image at another scale:
+    a mask of another shape (width and height swapped, a 1x1 placeholder) belongs to no pixel."""
+    if size is None or (label.shape[1], label.shape[0]) == tuple(size):
+        return label
+    (w, h), (mw, mh) = size, (label.shape[1], label.shape[0])
+    # the mask's aspect ratio may differ from the image's by the rounding of one pixel on each side
+    if abs(mw * h - mh * w) > (h + w) / 2 or min(mw, mh) < MIN_MASK_SIDE:
+        raise CoTexNetError(f"{path}: mask of {mw}x{mh} pixels for an image of {w}x{h}: not the image at another "
+                            "scale (width and height swapped, or a placeholder?); give the mask its image's size")
+    return cv2.resize(label, tuple(size), interpolation=cv2.INTER_NEAREST)
 
 
 def category_folders(masks_dir, spec: DatasetSpec) -> list[Path] | None:
@@ -312,15 +321,21 @@ class Pairing:
     pairs: list[tuple[str, str]]        # (image name, mask name), relative to images/ and masks/
     masks_without_image: list[str]      # relative to masks/ (per_category: "<category folder>/<name>")
     images_without_mask: list[str]      # per_category: also images lacking the mask of some category
+    other_extensions: dict[str, str] = field(default_factory=dict)  # stem -> an image left out by its extension
 
     def check(self, dataset_dir, spec: DatasetSpec) -> None:
         """The scripts' rule: a mask without image stops the run (naming it); images without
         mask are warned about, listed, and left out; no pairs at all stops the run."""
         if self.masks_without_image:
-            more = len(self.masks_without_image) - 1
-            raise CoTexNetError(f"{Path(dataset_dir) / 'masks' / self.masks_without_image[0]}: no image with its stem "
+            first, more = self.masks_without_image[0], len(self.masks_without_image) - 1
+            name = first.split("/", 1)[1] if spec.mask_layout == "per_category" else first  # less the category folder
+            found = self.other_extensions.get(image_stem(name, spec))
+            hint = (f"; found {found}, of another extension than {spec.image_ext or 'given'}: pass --img-format "
+                    f"{PurePosixPath(found).suffix}" if found else "")
+            raise CoTexNetError(f"{Path(dataset_dir) / 'masks' / first}: no image with its stem "
                                 f"in {Path(dataset_dir) / 'images'}"
-                                + (f" (and {more} more masks without image)" if more else "") + "; nothing written")
+                                + (f" (and {more} more masks without image)" if more else "") + hint
+                                + "; nothing written")
         if not self.pairs:
             raise CoTexNetError(f"{Path(dataset_dir) / 'masks'}: no masks found")
         if self.images_without_mask:
@@ -366,4 +381,7 @@ def pair_files(dataset_dir, spec: DatasetSpec, image_ext: str | None = None,
     pairs = [(by_stem[image_stem(mask, spec)], mask) for mask in masks if image_stem(mask, spec) in by_stem]
     orphans = [shown for shown, name in files if image_stem(name, spec) not in by_stem]
     paired = {image for image, _ in pairs}
-    return Pairing(pairs, orphans, [name for name in images if name not in paired])
+    others = {}
+    if orphans and (spec.image_ext if image_ext is None else image_ext):  # what the extension filter left out
+        others = {layout.stem(name): name for name in _list_images(dataset_dir / "images", "") if name not in images}
+    return Pairing(pairs, orphans, [name for name in images if name not in paired], others)

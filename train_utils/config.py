@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -110,20 +111,27 @@ def _check_type(key: str, value, hint):
         return None
     for kind in allowed:
         # bool is an int subclass in Python: `epochs: true` must not pass as 1.
+        number = None
         if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
+            number = float(value)
         if kind is float and isinstance(value, str):
             # PyYAML reads 1e-3 (no dot) as a string: accept what float() accepts.
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # inf or nan would train on, to a checkpoint of NaNs
+                raise CoTexNetError(f"{key}: {value!r} is not a finite number")
+            return number
         if kind in (int, str) and type(value) is kind:
             return value
+        if kind is str and type(value) is int:  # YAML reads a name such as 2018 as a number
+            return str(value)
         if kind is bool and isinstance(value, bool):
             return value
-        if typing.get_origin(kind) is list and isinstance(value, list) and all(type(v) is str for v in value):
-            return value
+        if typing.get_origin(kind) is list and isinstance(value, list) and all(type(v) in (str, int) for v in value):
+            return [str(v) for v in value]
     names = " or ".join("null" if k is type(None) else "list of str" if typing.get_origin(k) is list else k.__name__
                         for k in allowed)
     raise CoTexNetError(f"{key}: expected {names}, got {value!r} ({type(value).__name__})")
@@ -170,6 +178,7 @@ def _validate(config: Config) -> None:
         ("TRAIN.loss_input", t.loss_input == "logits" or d.num_classes == 2,
          "paper_probabilities is for binary datasets only (DATASET.num_classes 2)"),
         ("TRAIN.device", t.device in ("auto", "cpu", "cuda"), "must be auto, cpu or cuda"),
+        ("TRAIN.random_seed", 0 <= t.random_seed < 2**32, "must be in 0..2**32-1 (what numpy's seeding takes)"),
         ("TRAIN.input_size", t.input_size >= 32 and t.input_size % 16 == 0, "must be a multiple of 16, at least 32"),
         ("TRAIN.train_data_ratio", 0 < t.train_data_ratio <= 1, "must be in (0, 1]"),
         ("TRAIN.batch_size", t.batch_size >= 1, "must be >= 1"),
