@@ -2,18 +2,23 @@
 
   python evaluate.py --run runs/kvasir_20260101-120000 [--split test] [--checkpoint best]
   python evaluate.py --run runs/kvasir_20260101-120000 --dataset clinicdb --split all   # cross-dataset
+  python evaluate.py --run runs/kvasir_20260101-120000 --describe   # + the concept the model sees, per image
 
 The prediction (made at the training input size) is resized back to each image's own size
 before the metrics, so the figures compare with work that evaluates at full resolution.
 Writes to RUN_DIR/eval_<split>/ (another dataset: RUN_DIR/eval_<dataset>_<split>/; or --out):
 masks/<image stem>.png, overlays/ (the first --overlays images: image | truth | prediction),
 per_image.csv and metrics.json. Evaluation uses the images only: another dataset needs no text.
+--describe adds concept.csv (model/concept_readout.py: the attribute sentence the model sees, from
+the image and its PREDICTED mask) and, in metrics.json and the printout, each attribute's agreement
+with the geometry describer on the TRUE mask, beside chance and the majority rate.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 from pathlib import Path
 
 import torch
@@ -23,11 +28,13 @@ from common.errors import CoTexNetError, run_cli
 from common.io import write_json
 from data_process.layout import SPLITS
 from data_process.registry import get_spec, read_image, read_mask
+from model.concept_readout import CSV_COLUMNS, agreement, predicted_foreground, readout, write_csv
 from train_utils import data, reporting
 from train_utils.inference import predict_batches
 from train_utils.metrics import class_names, image_metrics, summarize
 from train_utils.precision import make_accelerator
 from train_utils.run_state import load_run
+from train_utils.tokenizer import load_tokenizer
 
 SPLIT_CHOICES = (*SPLITS, "all")  # all: the three splits together, each image once
 
@@ -46,6 +53,8 @@ def parse_args(argv):
     parser.add_argument("--out", help="output folder (default: RUN/eval_<split>, another dataset: "
                         "RUN/eval_<dataset>_<split>)")
     parser.add_argument("--overlays", type=int, default=8, help="number of overlay pictures (default: 8)")
+    parser.add_argument("--describe", action="store_true", help="also read back the concept the model sees in each "
+                        "image (concept.csv) and its agreement with the geometry describer on the true masks")
     return parser.parse_args(argv)
 
 
@@ -83,8 +92,9 @@ def main(argv: list[str] | None = None) -> None:
     names = class_names(k, spec.categories)
     model = model.to(accelerator.device)
     loader = accelerator.prepare(data.readable_loader(cfg, split))
+    tokenizer = load_tokenizer(args.clipseg or cfg.MODEL.clipseg_hf_api) if args.describe else None
 
-    rows, unreadable, overlays = [], [], 0
+    rows, concepts, unreadable, overlays = [], [], [], 0
     batches = tqdm(loader, desc=f"evaluate {args.split}", disable=not accelerator.is_main_process)
     for batch, preds in predict_batches(model, batches, accelerator):
         # Every process gathers every batch, even one of unreadable images only: a process that
@@ -102,19 +112,41 @@ def main(argv: list[str] | None = None) -> None:
                 reporting.write_overlay(out / "overlays" / f"{stem}.png", image, truth.numpy(), pred.numpy())
                 overlays += 1
         rows += accelerator.gather_for_metrics(batch_rows, use_gather_object=True)
+        if args.describe:
+            found = []
+            if batch["name"]:  # the model's own prediction at its input size; the true mask is not read
+                pixels = batch["pixel_values"].to(accelerator.device)
+                found = readout(model, tokenizer, pixels, predicted_foreground(model, pixels), spec.keyword,
+                                batch_size=len(pixels), progress=False)
+            concepts += accelerator.gather_for_metrics([dict(name=name, **{key: f[key] for key in CSV_COLUMNS[1:]})
+                                                        for name, f in zip(batch["name"], found, strict=True)],
+                                                       use_gather_object=True)
     # Unreadable images leave the batches uneven, so accelerate's trimming of the samples it
     # repeated to even out the last batch can miss one: each image counts once, by name.
     rows = list({row["name"]: row for row in rows}.values())
+    concepts = list({row["name"]: row for row in concepts}.values())
     unreadable = list(dict.fromkeys(unreadable))
 
     if accelerator.is_main_process:
         data.report_unreadable(unreadable, out / "unreadable.txt")
         summary = summarize(rows)
+        described = {}
+        if args.describe:
+            names = [row["name"] for row in concepts]
+            write_csv(out / "concept.csv", names, concepts)
+            # One image at a time (a split of full-size images need not fit in memory), its mask at its size.
+            images = (read_image(folder / "images" / name) for name in names)
+            pairs = ((read_mask(folder / "masks" / masks_of[name], spec, size=image.shape[1::-1]), image)
+                     for name, image in zip(names, images, strict=True))
+            truths, pictures = itertools.tee(pairs)
+            described = dict(concept=agreement(concepts, (mask for mask, _ in truths), (image for _, image in pictures)))
         write_json(out / "metrics.json", dict(run=str(args.run), checkpoint=args.checkpoint, epoch=extra.get("epoch"),
                                               dataset=cfg.DATASET.dataset_name, split=args.split,
-                                              resolution="original", **summary))
+                                              resolution="original", **summary, **described))
         reporting.write_csv(out / "per_image.csv", rows)
         print(reporting.format_table({args.split: summary}))
+        if described:
+            print("\n" + reporting.format_agreement(described["concept"]) + f"\nper image: {out / 'concept.csv'}")
         print(f"\nmasks: {out / 'masks'}  overlays: {out / 'overlays'}  per image: {out / 'per_image.csv'}  "
               f"summary: {out / 'metrics.json'}")
     if not rows:
