@@ -15,8 +15,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import evaluate
 import predict
+import train
 from model.concept_readout import CSV_COLUMNS, DICTIONARY
 from tests.train_fixtures import run_script, train_setup  # noqa: F401
+from train_utils import loops
 
 pytestmark = pytest.mark.slow
 
@@ -45,6 +47,27 @@ def test_tensorboard_event_file_holds_each_epochs_log_row(tracked_run):
     config = yaml.safe_load(next((tracked_run / "trackers" / "tracked").rglob("hparams.yml")).read_text())
     assert config["TRAIN.epochs"] == 2 and config["TRAIN.log_with"] == "['tensorboard']"
     assert yaml.safe_load((tracked_run / "config.yaml").read_text())["TRAIN"]["log_with"] == ["tensorboard"]
+
+
+def test_trackers_end_however_fit_ends(train_setup, monkeypatch):  # noqa: F811
+    """A second Ctrl-C (KeyboardInterrupt) in the middle of an epoch still closes the trackers."""
+    ended = []
+
+    class Recorded(loops.Trackers):
+        def end(self):
+            ended.append([tracker.name for tracker in self.trackers])
+            super().end()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loops, "Trackers", Recorded)
+    monkeypatch.setattr(loops, "train_one_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(["--config", str(train_setup["config"]), "TRAIN.run_name=tracked_stop",
+                    "TRAIN.log_with=[tensorboard]"])
+    assert ended == [["tensorboard"]]
+    assert next((train_setup["runs"] / "tracked_stop" / "trackers").rglob("hparams.yml"))
 
 
 def _moved_masks(root, work):
