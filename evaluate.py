@@ -2,19 +2,24 @@
 
   python evaluate.py --run runs/kvasir_20260101-120000 [--split test] [--checkpoint best]
   python evaluate.py --run runs/kvasir_20260101-120000 --dataset clinicdb --split all   # cross-dataset
+  python evaluate.py --run runs/kvasir_20260101-120000 --describe   # + the concept the model sees, per image
 
 The prediction (made at the training input size) is resized back to each image's own size
 before the metrics, so the figures compare with work that evaluates at full resolution.
 Writes to RUN_DIR/eval_<split>/ (another dataset: RUN_DIR/eval_<dataset>_<split>/; or --out):
-masks/<image stem>.png, overlays/ (the first --overlays images: image | truth | prediction),
+masks/<image stem>.png (sub-folders kept), overlays/ (the first --overlays images: image | truth | prediction),
 per_image.csv and metrics.json. Evaluation uses the images only: another dataset needs no text. Binary runs
 also get the paper's figures (paper_dice, ...: soft Dice on probabilities, means over batches).
+--describe adds concept.csv (model/concept_readout.py: the attribute sentence the model sees, from
+the image and its PREDICTED mask) and, in metrics.json and the printout, each attribute's agreement
+with the geometry describer on the TRUE mask, beside chance and the majority rate.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 from pathlib import Path
 
 import torch
@@ -22,8 +27,10 @@ from tqdm.auto import tqdm
 
 from common.errors import CoTexNetError, run_cli
 from common.io import write_json
+from data_process import layout
 from data_process.layout import SPLITS
 from data_process.registry import get_spec, read_image, read_mask
+from model.concept_readout import CSV_COLUMNS, agreement, predicted_foreground, readout, write_csv
 from train_utils import data, reporting
 from train_utils.config import PROTOCOLS, apply_protocol
 from train_utils.inference import predict_batches
@@ -38,6 +45,7 @@ from train_utils.metrics import (
 )
 from train_utils.precision import apply_precision, make_accelerator
 from train_utils.run_state import load_run
+from train_utils.tokenizer import load_tokenizer
 
 SPLIT_CHOICES = (*SPLITS, "all")  # all: the three splits together, each image once
 
@@ -59,6 +67,8 @@ def parse_args(argv):
                         help="read the truth masks as this protocol does (paper: DATASET.binarize paper); "
                              "default: as the run was trained")
     parser.add_argument("--overlays", type=int, default=8, help="number of overlay pictures (default: 8)")
+    parser.add_argument("--describe", action="store_true", help="also read back the concept the model sees in each "
+                        "image (concept.csv) and its agreement with the geometry describer on the true masks")
     return parser.parse_args(argv)
 
 
@@ -84,6 +94,18 @@ def target(cfg, args):
     return dataclasses.replace(cfg, DATASET=d), folder
 
 
+def check_output_names(rows, what: str) -> None:
+    """Each image writes masks/<stem>.png: two images of one stem (a.jpg and a.png) are refused up
+    front, rather than one mask silently replacing the other."""
+    by_stem: dict[str, list[str]] = {}
+    for image, _ in rows:
+        by_stem.setdefault(layout.stem(image), []).append(image)
+    shared = [" and ".join(names) for names in by_stem.values() if len(names) > 1]
+    if shared:
+        raise CoTexNetError(f"{what}: images that would write the same mask <stem>.png: {'; '.join(shared[:3])}"
+                            f"{f' (and {len(shared) - 3} more)' if len(shared) > 3 else ''}; rename one of each")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     cfg, model, extra = load_run(args.run, args.checkpoint, args.clipseg)
@@ -95,12 +117,14 @@ def main(argv: list[str] | None = None) -> None:
     apply_precision(model, accelerator, cfg.TRAIN.compile)
     split = data.dataset(cfg, args.split)
     masks_of = dict(split.rows)  # image name -> mask name
+    check_output_names(split.rows, f"{args.split} split of {cfg.DATASET.dataset_name}")
     folder, spec, k = split.folder, data.spec(cfg), cfg.DATASET.num_classes
     names = class_names(k, spec.categories)
     model = model.to(accelerator.device)
     loader = accelerator.prepare(data.readable_loader(cfg, split, num_processes=accelerator.num_processes))
+    tokenizer = load_tokenizer(args.clipseg or cfg.MODEL.clipseg_hf_api) if args.describe else None
 
-    rows, unreadable, overlays, paper_batches = [], [], 0, []
+    rows, concepts, unreadable, overlays, paper_batches = [], [], [], 0, []
     batches = tqdm(loader, desc=f"evaluate {args.split}", disable=not accelerator.is_main_process)
     for batch, preds, logits in predict_batches(model, batches, accelerator):
         # Every process gathers every batch, even one of unreadable images only: a process that
@@ -115,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
             if k == 2:  # the paper's figures, from this image's probabilities at its size
                 stats.append(paper_image_stats(torch.sigmoid(full), truth[None])[0])
                 batch_rows[-1]["paper_dice"] = paper_image_dice(stats[-1])
-            stem = Path(name).stem
+            stem = layout.stem(name)  # with its sub-folder: sub/a.jpg and other/a.jpg write apart
             reporting.write_mask(out / "masks" / f"{stem}.png", pred.numpy(), k)
             if accelerator.is_main_process and overlays < args.overlays:
                 image = read_image(folder / "images" / name)
@@ -126,19 +150,42 @@ def main(argv: list[str] | None = None) -> None:
         rows += [row for row, _ in gathered]
         if k == 2 and any(stat for _, stat in gathered):
             paper_batches.append(paper_batch([stat for _, stat in gathered if stat]))
+        if args.describe:
+            found = []
+            if batch["name"]:  # the model's own prediction at its input size; the true mask is not read
+                pixels = batch["pixel_values"].to(accelerator.device)
+                found = readout(model, tokenizer, pixels, predicted_foreground(model, pixels), spec.keyword,
+                                batch_size=len(pixels), progress=False)
+            concepts += accelerator.gather_for_metrics([dict(name=name, **{key: f[key] for key in CSV_COLUMNS[1:]})
+                                                        for name, f in zip(batch["name"], found, strict=True)],
+                                                       use_gather_object=True)
     # Unreadable images leave the batches uneven, so accelerate's trimming of the samples it
     # repeated to even out the last batch can miss one: each image counts once, by name.
     rows = list({row["name"]: row for row in rows}.values())
+    concepts = list({row["name"]: row for row in concepts}.values())
     unreadable = list(dict.fromkeys(unreadable))
 
     if accelerator.is_main_process:
         data.report_unreadable(unreadable, out / "unreadable.txt")
         summary = {**summarize(rows), **paper_summary(paper_batches)}
+        described = {}
+        if args.describe:
+            names = [row["name"] for row in concepts]
+            write_csv(out / "concept.csv", names, concepts)
+            # One image at a time (a split of full-size images need not fit in memory), its mask at its size.
+            images = (read_image(folder / "images" / name) for name in names)
+            pairs = ((read_mask(folder / "masks" / masks_of[name], spec, size=image.shape[1::-1],
+                                binarize=cfg.DATASET.binarize), image)
+                     for name, image in zip(names, images, strict=True))
+            truths, pictures = itertools.tee(pairs)
+            described = dict(concept=agreement(concepts, (mask for mask, _ in truths), (image for _, image in pictures)))
         write_json(out / "metrics.json", dict(run=str(args.run), checkpoint=args.checkpoint, epoch=extra.get("epoch"),
                                               dataset=cfg.DATASET.dataset_name, split=args.split,
-                                              resolution="original", **summary))
+                                              resolution="original", **summary, **described))
         reporting.write_csv(out / "per_image.csv", rows)
         print(reporting.format_table({args.split: summary}))
+        if described:
+            print("\n" + reporting.format_agreement(described["concept"]) + f"\nper image: {out / 'concept.csv'}")
         print(f"\nmasks: {out / 'masks'}  overlays: {out / 'overlays'}  per image: {out / 'per_image.csv'}  "
               f"summary: {out / 'metrics.json'}")
     if not rows:

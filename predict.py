@@ -1,12 +1,14 @@
 """Segment new images with a trained run: no text, no ROI, no LLaVA (the evaluation path).
 
-  python predict.py --run runs/kvasir_20260101-120000 --input photos/ --output masks_out/ [--overlay]
+  python predict.py --run runs/kvasir_20260101-120000 --input photos/ --output masks_out/ [--overlay] [--describe]
 
 Writes <output>/<image stem>.png at each image's original size (binary: 0/255; multi-class:
 the class ids 0..K), and with --overlay <output>/overlays/<stem>.png (image | prediction).
 Mask names are the image stems, as in the dataset layout: input images that share a stem
 (a.jpg and a.png) are refused up front, listed, rather than one mask silently replacing the other.
 Unreadable images are listed (and written to <output>/unreadable.txt); the rest are processed.
+--describe adds <output>/concept.csv: per image, the attribute sentence the model sees in it
+(model/concept_readout.py, from the image and its predicted mask only).
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ from tqdm.auto import tqdm
 from common.errors import CoTexNetError, run_cli
 from data_process.layout import IMAGE_EXTS, list_files
 from data_process.registry import read_image
+from model.concept_readout import CSV_COLUMNS, predicted_foreground, readout, write_csv
 from train_utils import data, reporting
 from train_utils.inference import predict_batches
 from train_utils.precision import apply_precision, make_accelerator
 from train_utils.run_state import load_run
+from train_utils.tokenizer import load_tokenizer
 
 
 def input_files(source: Path, output: Path) -> list[Path]:
@@ -62,6 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint (default: best)")
     parser.add_argument("--clipseg", help="CLIPSeg base folder or hub id, if not the one the run recorded")
     parser.add_argument("--batch-size", type=int, help="images per batch (default: the run's TRAIN.batch_size)")
+    parser.add_argument("--describe", action="store_true", help="also write concept.csv: the concept the model "
+                        "sees in each image, as an attribute sentence")
     args = parser.parse_args(argv)
     if args.batch_size is not None and args.batch_size < 1:
         parser.error(f"--batch-size: must be at least 1, got {args.batch_size}")
@@ -75,8 +81,10 @@ def main(argv: list[str] | None = None) -> None:
     apply_precision(model, accelerator, cfg.TRAIN.compile)
     model = model.to(accelerator.device)
     loader = data.readable_loader(cfg, data.ImageFiles(files, cfg.TRAIN.input_size))
+    if args.describe:
+        tokenizer, keyword = load_tokenizer(args.clipseg or cfg.MODEL.clipseg_hf_api), data.spec(cfg).keyword
 
-    written, unreadable = 0, []
+    written, unreadable, names, concepts = 0, [], [], []
     for batch, preds, _ in predict_batches(model, tqdm(loader, desc="predict", unit="batch"), accelerator):
         unreadable += batch["errors"]
         for name, pred in zip(batch["name"], preds, strict=True):
@@ -85,8 +93,16 @@ def main(argv: list[str] | None = None) -> None:
             if args.overlay:
                 reporting.write_overlay(output / "overlays" / f"{stem}.png", read_image(name), None, pred.numpy())
             written += 1
+        if args.describe and batch["name"]:
+            pixels = batch["pixel_values"].to(accelerator.device)
+            names += [Path(name).name for name in batch["name"]]
+            concepts += readout(model, tokenizer, pixels, predicted_foreground(model, pixels), keyword,
+                                batch_size=len(pixels), progress=False)
     data.report_unreadable(unreadable, output / "unreadable.txt")
-    print(f"{written} mask(s) written to {output}" + (f", overlays in {output / 'overlays'}" if args.overlay else ""))
+    if concepts:
+        write_csv(output / "concept.csv", names, concepts)
+    print(f"{written} mask(s) written to {output}" + (f", overlays in {output / 'overlays'}" if args.overlay else "")
+          + (f", concepts in {output / 'concept.csv'} ({', '.join(CSV_COLUMNS)})" if concepts else ""))
     if not written:
         raise CoTexNetError(f"--input {args.input}: none of the images could be read")
 

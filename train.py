@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
-from transformers import AutoConfig, AutoTokenizer
 
 from common.errors import EXIT_INTERRUPTED, CoTexNetError, run_cli
 from common.io import write_json, write_text
@@ -36,6 +35,7 @@ from train_utils.losses import CoTexNetLoss
 from train_utils.metrics import class_names
 from train_utils.optim import build_optimizer, build_scheduler
 from train_utils.precision import apply_precision, make_accelerator
+from train_utils.tokenizer import load_tokenizer
 
 DEFAULT_CONFIG = "dataset_config/train_config.yaml"
 
@@ -72,25 +72,6 @@ def check_num_classes(cfg, spec) -> None:
                  else f"{name} is not in {REGISTRY_FILE}, so it is binary: 2")
         raise CoTexNetError(f"DATASET.num_classes: {cfg.DATASET.num_classes}, but {where} "
                             "(categories + 1 background); fix the config or the registry entry")
-
-
-def load_tokenizer(name: str):
-    """The tokenizer of the CLIPSeg folder (or hub id), checked against the model's text vocabulary:
-    transformers builds an empty tokenizer (special tokens only) for a folder without tokenizer files."""
-    key, local = "MODEL.clipseg_hf_api", Path(name)
-    # A path-like value that is no folder would reach the hub as a malformed repo id.
-    if not local.is_dir() and (local.is_absolute() or name.startswith(".") or local.exists() or name.count("/") > 1):
-        raise CoTexNetError(f"{key}: no tokenizer at {name}: no such folder")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        vocab = getattr(getattr(AutoConfig.from_pretrained(name), "text_config", None), "vocab_size", None)
-    except (OSError, ValueError) as err:
-        raise CoTexNetError(f"{key}: no tokenizer at {name} ({str(err).splitlines()[0]})") from err
-    if vocab is not None and len(tokenizer) != vocab:  # None: not a CLIPSeg config, the model load says so
-        raise CoTexNetError(f"{key}: {name}: its tokenizer has {len(tokenizer)} tokens but the model's text "
-                            f"vocabulary {vocab}; tokenizer files missing or of another model "
-                            "(needs vocab.json + merges.txt, or tokenizer.json)")
-    return tokenizer
 
 
 def main(argv: list[str] | None = None) -> None:

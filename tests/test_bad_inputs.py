@@ -279,6 +279,30 @@ def edit_json(rel: str, fn):
     return mutate
 
 
+def eval_data(rows: dict[str, str]):
+    """ws/data: the synthetic dataset whose test split is `rows` (image -> mask, each a copy of
+    syn_0010's files, sub-folders allowed); ws/run: the run, pointed at them."""
+    def setup(ws: Path, b) -> None:
+        shutil.copytree(b.root / "synthetic", ws / "data" / "synthetic")
+        folder = ws / "data" / "synthetic"
+        for image, mask in rows.items():
+            for sub, name in (("images", image), ("masks", mask)):
+                (folder / sub / name).parent.mkdir(parents=True, exist_ok=True)
+                if not (folder / sub / name).exists():
+                    shutil.copy(folder / sub / "syn_0010.jpg", folder / sub / name)
+        (ws / "splits").mkdir()
+        write_csv([("synthetic", image, mask) for image, mask in rows.items()])(ws / "splits" / "test_data.csv")
+        run_copy(run_config(f"DATASET.root_dir={ws / 'data'}", f"DATASET.split_dir={ws / 'splits'}"))(ws, b)
+    return setup
+
+
+def masks_written(*names: str):
+    def check(ws: Path, result: dict) -> None:
+        assert sorted(p.relative_to(ws / "eval" / "masks").as_posix() for p in (ws / "eval" / "masks").rglob("*.png")) \
+            == sorted(names)
+    return check
+
+
 def evil_state(run: Path) -> None:
     (run / "last").mkdir()
     torch.save({"epoch": 1, "optimizer": Evil(run.parent / "pwned")}, run / "last" / "training_state.pt")
@@ -742,6 +766,14 @@ CASES = [
         lambda ws, b: truncate("syn_0010.jpg", 0.3)(ws / "data" / "synthetic" / "images"),
         run_copy(lambda r: run_config(f"DATASET.root_dir={r.parent / 'data'}")(r))),
          "evaluate.py", "--run {ws}/run --out {ws}/eval", 0, ("1 unreadable file(s) skipped",), check=evaluated_the_rest),
+    Case("eval_two_images_one_stem", eval_data({"syn_0010.jpg": "syn_0010.jpg", "syn_0010.png": "syn_0010.jpg"}),
+         "evaluate.py", "--run {ws}/run --out {ws}/eval", 2,
+         ("test split of synthetic: images that would write the same mask <stem>.png: syn_0010.jpg and syn_0010.png",),
+         ("eval",)),
+    Case("eval_one_name_in_two_sub_folders", eval_data({"a/syn_0010.jpg": "a/syn_0010.jpg",
+                                                        "b/syn_0010.jpg": "b/syn_0010.jpg"}),
+         "evaluate.py", "--run {ws}/run --out {ws}/eval", 0, ("summary: ",), check=masks_written("a/syn_0010.png",
+                                                                                          "b/syn_0010.png")),
     Case("predict_output_is_the_input", predict_inputs("a.jpg", "b.jpg"), "predict.py",
          "--run {run} --input {ws}/in --output {ws}/in", 2, ("--output {ws}/in: inside the input folder",),
          ("in/*.png",), check=inputs_untouched),

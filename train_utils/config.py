@@ -22,6 +22,7 @@ import yaml
 from common.errors import CoTexNetError
 from common.io import not_utf8
 from data_process import layout
+from train_utils.trackers import check_trackers
 
 
 @dataclass
@@ -72,6 +73,7 @@ class TrainConfig:
     run_dir: str = "runs"
     run_name: str = ""  # "" = <dataset_name>_<date-time>
     select_overall: str = "images"  # several datasets: the best epoch has the best Dice over all images, or over datasets
+    log_with: list[str] = field(default_factory=list)  # experiment trackers, e.g. [tensorboard]; [] = none
 
 
 @dataclass
@@ -204,6 +206,7 @@ def _validate(config: Config) -> None:
         if not ok:
             value = getattr(getattr(config, key.split(".")[0]), key.split(".")[1])
             raise CoTexNetError(f"{key}: {value!r} {why}")
+    t.log_with = check_trackers(t.log_with)
 
 
 # `--protocol paper`: every switch at the paper's value (README, "What differs from the paper's

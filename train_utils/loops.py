@@ -33,6 +33,7 @@ from train_utils.metrics import (
     paper_summary,
 )
 from train_utils.run_state import save_best, save_last
+from train_utils.trackers import Trackers
 
 
 class Outcome(enum.Enum):
@@ -172,7 +173,8 @@ def fit(training: Training, start_epoch: int = 0) -> Outcome:
     accelerator, stopper, main = tr.accelerator, tr.stopper, tr.accelerator.is_main_process
     cache = FeatureCache(accelerator.unwrap_model(tr.model), t.input_size, folder=tr.run / "feature_cache",
                          memory_mb=t.feature_cache_mb)
-    with StopOnRequest() as stop:
+    # The trackers end however fit ends: finished, early-stopped, interrupted or failed.
+    with StopOnRequest() as stop, Trackers(t.log_with, tr.run, tr.cfg.to_dict()) as trackers:
         for epoch in range(start_epoch + 1, t.epochs + 1):
             if stopper.should_stop:
                 break
@@ -191,7 +193,10 @@ def fit(training: Training, start_epoch: int = 0) -> Outcome:
                     save_best(tr.run, tr.model, accelerator, epoch, {f"val_{t.select_metric}": score})
                     for k, (image, truth, pred) in enumerate(kept):
                         reporting.write_overlay(tr.run / "overlays" / f"epoch{epoch:04d}_{k}.png", image, truth, pred)
+                    if kept:
+                        trackers.log_images({"overlays": [reporting.overlay(*picture) for picture in kept]}, epoch)
                 tr.log.append(row)
+                trackers.log({key: value for key, value in row.items() if key != "epoch"}, epoch)
                 tr.log.plot(tr.run / "curves.png")
                 save_last(tr.run, tr.model, tr.optimizer, tr.scheduler, accelerator, stopper, epoch, tr.generator)
                 each = "".join(f"  {key.removeprefix('val_dice_')} {value:.4f}"

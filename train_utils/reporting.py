@@ -86,10 +86,15 @@ def tint(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return out
 
 
-def write_overlay(path: str | Path, image: np.ndarray, truth: np.ndarray | None, pred: np.ndarray) -> None:
-    """One PNG: image | truth | prediction (image | prediction when there is no truth)."""
+def overlay(image: np.ndarray, truth: np.ndarray | None, pred: np.ndarray) -> np.ndarray:
+    """HxWx3 uint8 RGB: image | truth | prediction (image | prediction when there is no truth)."""
     panels = [image] + ([tint(image, truth)] if truth is not None else []) + [tint(image, pred)]
-    write_image(path, cv2.cvtColor(np.hstack(panels), cv2.COLOR_RGB2BGR))
+    return np.hstack(panels)
+
+
+def write_overlay(path: str | Path, image: np.ndarray, truth: np.ndarray | None, pred: np.ndarray) -> None:
+    """`overlay` as one PNG."""
+    write_image(path, cv2.cvtColor(overlay(image, truth, pred), cv2.COLOR_RGB2BGR))
 
 
 def write_mask(path: str | Path, labels: np.ndarray, num_classes: int) -> None:
@@ -123,3 +128,13 @@ def _cell(mean, std) -> str:
     if mean is None or math.isnan(mean):
         return "n/a"
     return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
+
+
+def format_agreement(figures: dict) -> str:
+    """`model.concept_readout.agreement` as a text table: per attribute, agreement beside chance and majority."""
+    without = f", {figures['no_region']} without (left out)" if figures["no_region"] else ""
+    lines = [f"concept readout vs the geometry describer on the true masks ({figures['images']} images with a "
+             f"region{without})", f"{'attribute':<10}{'agreement':>11}{'chance':>9}{'majority':>10}"]
+    lines += [f"{key:<10}{f['agreement']:>11.2f}{f['chance']:>9.2f}{f['majority']:>10.2f}"
+              for key, f in figures.items() if isinstance(f, dict)]
+    return "\n".join(lines)
