@@ -36,6 +36,7 @@ from train_utils.metrics import class_names
 from train_utils.optim import build_optimizer, build_scheduler
 from train_utils.precision import apply_precision, make_accelerator
 from train_utils.tokenizer import load_tokenizer
+from train_utils.trackers import check_trackers
 
 DEFAULT_CONFIG = "dataset_config/train_config.yaml"
 
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     # Everything is checked before the run folder is written: a wrong setting leaves nothing behind.
     spec = multi.specs(cfg)[cfg.datasets()[0]]  # several datasets: checked to share their classes
     check_num_classes(cfg, spec)
+    check_trackers(cfg.TRAIN.log_with)  # installed here, before the run folder is written
     tokenizer = load_tokenizer(cfg.MODEL.clipseg_hf_api)
     run = run_folder(cfg, args.resume)
     accelerator = make_accelerator(cfg)

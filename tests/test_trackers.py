@@ -61,3 +61,5 @@ def test_a_tracker_not_installed_names_the_package():
     package = {"comet_ml": "comet-ml"}.get(missing[0], missing[0])
     with pytest.raises(CoTexNetError, match=rf"tracker '{missing[0]}' is not installed \(pip install {package}\)"):
         check_trackers(["tensorboard", missing[0]])
+    # reading a run's config (evaluate, predict) does not need the tracker it was trained with
+    assert check_trackers([missing[0]], installed=False) == [missing[0]]

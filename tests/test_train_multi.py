@@ -211,7 +211,7 @@ def test_a_dataset_missing_its_text_or_rows_is_one_line(two, override, match):
 @pytest.mark.parametrize("override, match", [
     ("DATASET.dataset_name=[a,a]", "names a dataset twice"),
     ("DATASET.dataset_name=[]", "must not be empty"),
-    ("DATASET.dataset_name=[a,1]", "expected str or list of str"),
+    ("DATASET.dataset_name=[a,1.5]", "expected str or list of str"),
     ("DATASET.text_csv=t.csv", "one path per dataset"),
     ("DATASET.text_csv=[t.csv]", "one path per dataset"),
     ("TRAIN.select_overall=best", "images or datasets"),

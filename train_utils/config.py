@@ -206,7 +206,7 @@ def _validate(config: Config) -> None:
         if not ok:
             value = getattr(getattr(config, key.split(".")[0]), key.split(".")[1])
             raise CoTexNetError(f"{key}: {value!r} {why}")
-    t.log_with = check_trackers(t.log_with)
+    t.log_with = check_trackers(t.log_with, installed=False)
 
 
 # `--protocol paper`: every switch at the paper's value (README, "What differs from the paper's

@@ -25,8 +25,10 @@ PACKAGES = {"comet_ml": "comet-ml"}
 PROJECT = "cotexnet"
 
 
-def check_trackers(names, key: str = "TRAIN.log_with") -> list[str]:
-    """The tracker names, lower case, checked: known to accelerate and installed (else one line)."""
+def check_trackers(names, key: str = "TRAIN.log_with", installed: bool = True) -> list[str]:
+    """The tracker names, lower case, checked: known to accelerate and, with `installed`, installed
+    here (else one line). A config is read without the second check: evaluating a run trained with
+    W&B needs no W&B."""
     if isinstance(names, str) or not isinstance(names, list | tuple):
         raise CoTexNetError(f"{key}: {names!r} is not a list (e.g. [tensorboard])")
     checked = []
@@ -34,7 +36,7 @@ def check_trackers(names, key: str = "TRAIN.log_with") -> list[str]:
         name = str(name).lower()
         if name not in LOGGER_TYPE_TO_CLASS:
             raise CoTexNetError(f"{key}: unknown tracker {name!r} (known: {', '.join(sorted(LOGGER_TYPE_TO_CLASS))})")
-        if find_spec(name) is None:
+        if installed and find_spec(name) is None:
             raise CoTexNetError(f"{key}: tracker {name!r} is not installed (pip install {PACKAGES.get(name, name)})")
         checked.append(name)
     return list(dict.fromkeys(checked))
