@@ -8,8 +8,9 @@ Built from the stock `transformers` CLIPSeg modules (no forked library code):
   T = sigmoid(text projection at the first end-of-text token), and gradients reach the mapper
   through it;
 - "Img2text" maps the image's CLS token to a pseudo text embedding I;
-- training: cond = (1 - a) T + a I; evaluation: cond = I (no text, no ROI, no text encoder);
-  then cond * v + m feeds the FiLM decoder, which returns logits (1 map, or `num_classes`).
+- the prompt embedding: training, (1 - a) T + a I; evaluation, I (no text, no ROI, no text
+  encoder); then the FiLM condition, prompt * v + m ("inverse z-score"), feeds the decoder,
+  which returns logits (1 map, or `num_classes`).
 """
 
 from __future__ import annotations
@@ -289,20 +290,20 @@ class CoTexNet(nn.Module):
         roi_embedding = None if roi_pixel_values is None else self.roi_mapper(cls[batch:])
         text_embedding = torch.sigmoid(self.text_features(input_ids, attention_mask, roi_embedding))
         img_embedding = self.img2text(cls[:batch])
-        cond = (1 - self.alpha) * text_embedding + self.alpha * img_embedding
-        return self._decode([a[:batch] for a in activations], cond, img_embedding, text_embedding.detach())
+        prompt = (1 - self.alpha) * text_embedding + self.alpha * img_embedding
+        return self._decode([a[:batch] for a in activations], prompt, img_embedding, text_embedding.detach())
 
     def forward_features(self, features: dict[str, torch.Tensor]) -> CoTexNetOutput:
-        """The evaluation path from `extract_features` output: cond = I, no text encoder.
+        """The evaluation path from `extract_features` output: the prompt is I, no text encoder.
         A cache may hold the features in a lower precision: they are cast to the decoder's."""
         dtype = self.decoder.film_mul.weight.dtype
         img_embedding = self.img2text(features["vision_cls"].to(dtype))
         activations = list(features["activations"].to(dtype).unbind(dim=1))
         return self._decode(activations, img_embedding, img_embedding, None)
 
-    def _decode(self, activations, cond, img_embedding, text_embedding) -> CoTexNetOutput:
-        condition = cond * self.var + self.mean
-        logits = self.decoder(activations, condition).logits
+    def _decode(self, activations, prompt, img_embedding, text_embedding) -> CoTexNetOutput:
+        film_condition = prompt * self.var + self.mean
+        logits = self.decoder(activations, film_condition).logits
         if logits.dim() == 3:  # the stock decoder squeezes the single binary map
             logits = logits.unsqueeze(1)
-        return CoTexNetOutput(logits, img_embedding, text_embedding, condition)
+        return CoTexNetOutput(logits, img_embedding, text_embedding, film_condition)

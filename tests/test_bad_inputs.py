@@ -1,4 +1,4 @@
-"""The catalogue of bad inputs (issue 7): every stage's scripts on broken files, folders,
+"""The catalogue of bad inputs: every stage's scripts on broken files, folders,
 configs, checkpoints and model answers, each with the behaviour a user should see.
 
 One row per case: id, setup (what is broken), script + command line, expected exit status,
