@@ -94,18 +94,6 @@ def target(cfg, args):
     return dataclasses.replace(cfg, DATASET=d), folder
 
 
-def check_output_names(rows, what: str) -> None:
-    """Each image writes masks/<stem>.png: two images of one stem (a.jpg and a.png) are refused up
-    front, rather than one mask silently replacing the other."""
-    by_stem: dict[str, list[str]] = {}
-    for image, _ in rows:
-        by_stem.setdefault(layout.stem(image), []).append(image)
-    shared = [" and ".join(names) for names in by_stem.values() if len(names) > 1]
-    if shared:
-        raise CoTexNetError(f"{what}: images that would write the same mask <stem>.png: {'; '.join(shared[:3])}"
-                            f"{f' (and {len(shared) - 3} more)' if len(shared) > 3 else ''}; rename one of each")
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     cfg, model, extra = load_run(args.run, args.checkpoint, args.clipseg)
@@ -117,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     apply_precision(model, accelerator, cfg.TRAIN.compile)
     split = data.dataset(cfg, args.split)
     masks_of = dict(split.rows)  # image name -> mask name
-    check_output_names(split.rows, f"{args.split} split of {cfg.DATASET.dataset_name}")
+    layout.check_unique_stems([image for image, _ in split.rows], f"{args.split} split of {cfg.DATASET.dataset_name}")
     folder, spec, k = split.folder, data.spec(cfg), cfg.DATASET.num_classes
     names = class_names(k, spec.categories)
     model = model.to(accelerator.device)

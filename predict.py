@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from common.errors import CoTexNetError, run_cli
-from data_process.layout import IMAGE_EXTS, list_files
+from data_process.layout import IMAGE_EXTS, check_unique_stems, list_files
 from data_process.registry import read_image
 from model.concept_readout import CSV_COLUMNS, predicted_foreground, readout, write_csv
 from train_utils import data, reporting
@@ -47,13 +47,7 @@ def input_files(source: Path, output: Path) -> list[Path]:
     files = [source / name for name in names if "/" not in name]
     if not files:
         raise CoTexNetError(f"--input {source}: no images ({', '.join(sorted(IMAGE_EXTS))})")
-    by_stem: dict[str, list[str]] = {}
-    for path in files:
-        by_stem.setdefault(path.stem, []).append(path.name)
-    shared = [" and ".join(names) for names in by_stem.values() if len(names) > 1]
-    if shared:
-        raise CoTexNetError(f"--input {source}: images that would write the same mask <stem>.png: "
-                            f"{'; '.join(shared)}; rename or move one of each")
+    check_unique_stems([path.name for path in files], f"--input {source}")
     return files
 
 

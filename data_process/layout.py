@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
 
+from common.errors import CoTexNetError
+
 DEFAULT_ROOT = "data_process"
 DEFAULT_SPLIT_DIR = "data_process"
 SPLITS = ("train", "val", "test")
@@ -51,6 +53,19 @@ def list_files(folder: str | Path, exts=IMAGE_EXTS) -> list[str]:
     return sorted(rel for rel in (path.relative_to(folder).as_posix() for path in folder.rglob("*")
                                   if path.suffix.lower() in exts and path.is_file())
                   if not is_hidden(rel))
+
+
+def check_unique_stems(names, what: str) -> None:
+    """Outputs are named by stem (masks/<stem>.png): two inputs of one stem (a.jpg and a.png) are
+    refused up front, listed, rather than one output silently replacing the other."""
+    by_stem: dict[str, list[str]] = {}
+    for name in names:
+        by_stem.setdefault(stem(name), []).append(name)
+    shared = [" and ".join(group) for group in by_stem.values() if len(group) > 1]
+    if shared:
+        more = f" (and {len(shared) - 3} more)" if len(shared) > 3 else ""
+        raise CoTexNetError(f"{what}: images that would write the same mask <stem>.png: {'; '.join(shared[:3])}"
+                            f"{more}; rename or move one of each")
 
 
 def dataset_dir(root: str | Path, dataset_name: str) -> Path:
