@@ -157,6 +157,15 @@ def process_gpus(state) -> list[int]:
     return list(range(first, first + per))
 
 
+def recorded_settings(job: Job, keywords) -> dict:
+    """What the rows depend on (not how fast they come: batch size, dtype): one CSV never mixes two."""
+    settings = {"describer": job.describer, "keywords": list(keywords)}
+    if job.describer != "geometry":
+        settings.update(model_path=str(Path(job.model_path).resolve()), constrain=job.constrain,
+                        temperature=job.temperature, max_new_tokens=job.max_new_tokens, seed=job.seed)
+    return settings
+
+
 def run(job: Job) -> Summary | None:
     """Describe every ROI of the dataset not yet in the CSV; the main process returns the summary
     once the final CSV is written, the other processes None."""
@@ -177,7 +186,7 @@ def run(job: Job) -> Summary | None:
     keywords = named.categories or (named.keyword,)
     items = list_rois(dataset_dir, spec, keywords, job.img_format, job.mask_format)
     if state.is_main_process:
-        start_output(out, {"describer": job.describer, "keywords": list(keywords)}, job.overwrite)
+        start_output(out, recorded_settings(job, keywords), job.overwrite)
     state.wait_for_everyone()
     writer = ResultWriter(out, shard=f"-{state.process_index}" if state.num_processes > 1 else "")
     # Every process reads the finished ROIs before any writes new ones: all shard the same list.

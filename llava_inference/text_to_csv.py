@@ -13,7 +13,8 @@ While a run goes, each result is appended to `<out stem>.partial[-<shard>].csv` 
 a killed run loses at most the line being written; a rerun reads the partial files and skips
 those ROIs. The final CSV is written atomically, and only then are the partial files removed.
 `<out stem>.settings.json` beside it records the options the rows were made with (describer,
-keywords): a rerun with other options is refused instead of mixing rows of two settings.
+keywords; with LLaVA also the model folder and the decoding: constrained or not, temperature,
+answer length, seed): a rerun with other options is refused instead of mixing rows of two settings.
 """
 
 from __future__ import annotations
@@ -78,7 +79,16 @@ def settings_path(out: Path) -> Path:
 
 
 def _options(settings: dict) -> str:
-    return f"--describer {settings.get('describer')} --keywords '{','.join(settings.get('keywords') or ())}'"
+    """The recorded settings as the get_text.py options that give them."""
+    flags = []
+    for key, value in settings.items():
+        if key == "constrain":
+            flags += [] if value else ["--no-constrain"]
+        elif key == "keywords":
+            flags.append(f"--keywords '{','.join(value or ())}'")
+        else:
+            flags.append(f"--{key.replace('_', '-')} {value}")
+    return " ".join(flags)
 
 
 def _read_complete_rows(path: Path, partial: bool) -> list[dict]:

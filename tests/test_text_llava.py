@@ -105,3 +105,14 @@ def test_two_processes_shard_and_merge(synthetic, tiny_llava, tmp_path):
     assert list(table["roi_name"]) == list(single["roi_name"])
     assert set(table["source"]) == {"llava", "geometry"} and (table.loc[table["source"] == "llava", "tries"] == 1).all()
     assert not list(tmp_path.glob("*.partial*"))
+
+
+def test_a_rerun_with_other_decoding_is_refused_but_not_one_with_another_batch_size(synthetic, tiny_llava, tmp_path):
+    """The rows depend on the model and its decoding: a rerun that would mix two settings in one
+    CSV stops; what only changes the speed (batch size) continues."""
+    fast = ["--no-constrain", "--max-retries", "1", "--max-new-tokens", "4"]
+    first = _run(synthetic, tiny_llava, tmp_path / "t.csv", *fast, "--batch-size", "50")
+    with pytest.raises(CoTexNetError, match=r"t.csv: its 50 earlier rows were made with --describer llava .*"
+                                            r"--temperature 0.2 .*this run asks for .*--temperature 0.7"):
+        _run(synthetic, tiny_llava, tmp_path / "t.csv", *fast, "--temperature", "0.7")
+    pd.testing.assert_frame_equal(_run(synthetic, tiny_llava, tmp_path / "t.csv", *fast, "--batch-size", "8"), first)
