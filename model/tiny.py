@@ -263,6 +263,19 @@ def save_tiny_qwen2_vl(out_dir: str | Path, seed: int = 0, width: int = 64) -> P
     return _save(model, processor, out_dir, [ids["<|im_end|>"], ids["<|endoftext|>"]])
 
 
+def real_size_llava_config():
+    """The architecture of llava-hf/llava-1.5-13b-hf (CLIP ViT-L/14 at 336 px, Vicuna-13B, the
+    two-layer projector), for memory figures computed on the meta device (no weights)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+    text = LlamaConfig(vocab_size=32064, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                       num_attention_heads=40, num_key_value_heads=40, max_position_embeddings=4096, pad_token_id=32001)
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000, pad_token_id=32001,
+                       image_seq_length=576, vision_feature_layer=-2, vision_feature_select_strategy="default")
+
+
 TINY_VLMS = {"llava": save_tiny_llava, "llava_next": save_tiny_llava_next, "qwen2_vl": save_tiny_qwen2_vl}
 
 
