@@ -582,8 +582,9 @@ def main(argv: list[str] | None = None) -> None:
 
     size = "tiny" if args.quick else "real size (CIDAS/clipseg-rd64-refined architecture, random weights)"
     chosen = "what train.py picks on this CPU" if args.dtype == default_dtype() else f"train.py picks {default_dtype()}"
-    print(f"settings: {size}, batch {args.batch}, {args.threads} threads, precision {args.dtype} ({chosen}), 224 px, "
-          f"{args.steps} timed rounds after {args.warmup} warm-up")
+    if args.segmentation:
+        print(f"settings: {size}, batch {args.batch}, {args.threads} threads, precision {args.dtype} ({chosen}), "
+              f"224 px, {args.steps} timed rounds after {args.warmup} warm-up")
     print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
           f"({torch.backends.cpu.get_cpu_capability()}, native bf16: {cpu_has_native_bf16()}), transformers {transformers.__version__}; at start {load()}",
           flush=True)
