@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from common.errors import CoTexNetError, run_cli
-from data_process.layout import IMAGE_EXTS, check_unique_stems, list_files
+from data_process.layout import IMAGE_EXTS, check_unique_stems, list_files, why_missing
 from data_process.registry import read_image
 from model.concept_readout import CSV_COLUMNS, predicted_foreground, readout, write_csv
 from train_utils import data, reporting
@@ -32,7 +32,7 @@ from train_utils.tokenizer import load_tokenizer
 
 def input_files(source: Path, output: Path) -> list[Path]:
     if not source.exists():
-        raise CoTexNetError(f"--input {source}: no such file or folder")
+        raise CoTexNetError(f"--input {source}: {why_missing(source, 'file or folder')}")
     folder = source if source.is_dir() else source.parent
     if output.resolve() == folder.resolve() or folder.resolve() in output.resolve().parents:
         raise CoTexNetError(f"--output {output}: inside the input folder {folder}; choose another folder "

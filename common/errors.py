@@ -2,23 +2,40 @@
 
 A `CoTexNetError` is something the user can fix (a missing file, a config typo): the script
 prints its message on one line and exits with status 2. Anything else is a bug and keeps its
-traceback. `--debug` on any script shows the traceback of a `CoTexNetError` too.
+traceback. `--debug` on any script shows the traceback of a `CoTexNetError` too. What the
+user should know but need not fix is one `warning: <file>: <what>` line (`warn_once`).
 SIGTERM (`kill`, a job scheduler) does what Ctrl-C does, so that a stopped command cleans up
 the same way: temporaries removed, "interrupted", exit status 130.
 """
 
 from __future__ import annotations
 
+import hashlib
+import mmap
 import signal
 import sys
 from collections.abc import Callable
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+# The warnings said, as bits of a hash: anonymous shared memory, so that the processes a command
+# forks (DataLoader workers, a new set each epoch; process pools) say each warning once between
+# them. 32 Mbit: after 10,000 different warnings, a new one is lost to a collision once in ~3,000.
+_SAID = mmap.mmap(-1, 1 << 22)
 
 
 class CoTexNetError(Exception):
     """A problem with the user's input or environment, explained in one line."""
+
+
+def warn_once(path, what: str) -> None:
+    """One warning line naming the file, once per file and message in a command (a Dataset reads
+    every file each epoch, in new worker processes each time)."""
+    key = int.from_bytes(hashlib.blake2b(f"{path}\0{what}".encode(), digest_size=8).digest(), "little")
+    byte, bit = divmod(key % (len(_SAID) * 8), 8)
+    if not _SAID[byte] >> bit & 1:
+        _SAID[byte] |= 1 << bit
+        print(f"warning: {path}: {what}", file=sys.stderr)
 
 
 def user_message(err: CoTexNetError) -> str:

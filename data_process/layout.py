@@ -13,9 +13,10 @@ repository root, as the paper's README does.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path, PurePosixPath
 
-from common.errors import CoTexNetError
+from common.errors import CoTexNetError, warn_once
 
 DEFAULT_ROOT = "data_process"
 DEFAULT_SPLIT_DIR = "data_process"
@@ -47,12 +48,52 @@ def is_hidden(relative: str | Path) -> bool:
 
 def list_files(folder: str | Path, exts=IMAGE_EXTS) -> list[str]:
     """The visible files under `folder` (recursively) with one of `exts` (case ignored), as sorted
-    POSIX paths relative to it: the one filter every reader of a data folder uses."""
+    POSIX paths relative to it: the one listing every reader of a data folder uses.
+
+    Read as a file browser shows the folder: symbolic links to folders are followed, a link whose
+    target is gone is listed (reading it says so), and a folder reached twice (a link back up, two
+    links to one folder) is read once, with a warning; real sub-folders are read before links, so
+    a file keeps its real path where it has one."""
     folder = Path(folder)
     exts = tuple(ext.lower() for ext in exts)
-    return sorted(rel for rel in (path.relative_to(folder).as_posix() for path in folder.rglob("*")
-                                  if path.suffix.lower() in exts and path.is_file())
-                  if not is_hidden(rel))
+    found: list[str] = []
+    read: dict[tuple[int, int], PurePosixPath] = {}  # (device, inode) of each folder read -> where
+    real, linked = [PurePosixPath()], []  # folders to read: real sub-folders first, then links to folders
+    while real or linked:
+        rel = real.pop() if real else linked.pop(0)
+        where = folder / rel
+        try:
+            status = where.stat()
+            identity = (status.st_dev, status.st_ino)
+            if identity in read:
+                warn_once(where, f"a link to a folder already read as {folder / read[identity]}: read once")
+                continue
+            read[identity] = rel
+            with os.scandir(where) as entries:
+                entries = sorted(entries, key=lambda e: e.name)
+        except OSError as err:
+            raise CoTexNetError(f"{where}: cannot be listed ({err.strerror})") from err
+        for entry in entries:
+            if is_hidden(entry.name):
+                continue
+            if entry.is_dir():
+                (linked if entry.is_symlink() else real).append(rel / entry.name)
+            elif PurePosixPath(entry.name).suffix.lower() in exts and (entry.is_file() or entry.is_symlink()):
+                found.append((rel / entry.name).as_posix())
+    return sorted(found)
+
+
+def why_missing(path: str | Path, what: str = "file") -> str:
+    """What stands at `path` instead of the image (`what` "file"), data folder ("folder") or
+    either a command looks for: nothing, a link whose target is gone, a folder, a file."""
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        return f"a link to {os.readlink(path)}, which does not exist"
+    if what == "file" and path.is_dir():
+        return "a folder, not an image file"
+    if what == "folder" and path.exists():
+        return "a file, not a folder"
+    return f"no such {what}"
 
 
 def check_unique_stems(names, what: str) -> None:

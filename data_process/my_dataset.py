@@ -20,7 +20,7 @@ from torchvision import tv_tensors
 
 from common.errors import CoTexNetError
 from common.io import read_csv
-from data_process.layout import SPLIT_COLUMNS, stem
+from data_process.layout import SPLIT_COLUMNS, stem, why_missing
 from data_process.registry import DatasetSpec, category_files, get_spec, read_image, read_mask
 
 SHOW = 5  # names listed in errors
@@ -93,7 +93,7 @@ class SegDataset(torch.utils.data.Dataset):
             missing += [path for path in (self.folder / "images" / image, *masks) if not path.is_file()]
         if missing:
             more = f" (and {len(missing) - 1} more missing files)" if len(missing) > 1 else ""
-            raise CoTexNetError(f"{missing[0]}: no such file, but listed in the split of {dataset_name}{more}")
+            raise CoTexNetError(f"{missing[0]}: {why_missing(missing[0])}, but listed in the split of {dataset_name}{more}")
 
     def __len__(self) -> int:
         return len(self.rows)

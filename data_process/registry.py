@@ -12,7 +12,9 @@ a mask is named by `<name>` (relative to `masks/`, resp. to each category folder
 from __future__ import annotations
 
 import functools
+import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -21,7 +23,7 @@ import numpy as np
 import yaml
 from PIL import Image, ImageOps
 
-from common.errors import CoTexNetError
+from common.errors import CoTexNetError, warn_once
 from data_process import layout
 
 REGISTRY_FILE = Path(__file__).resolve().parents[1] / "dataset_config" / "datasets.yaml"
@@ -32,15 +34,15 @@ _PLAIN_MODES = {"1": "L", "I;16": "I", "I;16L": "I", "I;16B": "I", "I;16N": "I"}
 # Modes read as they are; any other colour model (CMYK, YCbCr, LAB, HSV) is converted (images) or refused (masks).
 _KNOWN_MODES = {"L", "LA", "I", "F", "P", "PA", "RGB", "RGBA", "RGBX"}
 BINARIZE = ("registry", "paper")
-_warned: set[tuple[str, str]] = set()
-
-
-def warn_once(path, what: str) -> None:
-    """One warning line naming the file, once per file and message in a process (a Dataset reads
-    every file each epoch)."""
-    if (str(path), what) not in _warned:
-        _warned.add((str(path), what))
-        print(f"warning: {path}: {what}", file=sys.stderr)
+PIXEL_LIMIT_ENV = "COTEXNET_MAX_IMAGE_PIXELS"
+_PILLOW_PIXEL_LIMIT = Image.MAX_IMAGE_PIXELS  # Pillow warns above it and refuses above twice it
+VOC_VOID = (224, 224, 192)  # the colour of index 255, "void", in VOC-style palette masks
+# A binary mask holds black and white (JPEG: near them); a photograph given as a mask has a large
+# share of its pixels at many grey levels far from both.
+FAR_GREYS = (32, 224)  # exclusive
+NOT_A_MASK_SHARE, NOT_A_MASK_LEVELS = 0.25, 32
+SAMPLE_PIXELS = 65536  # pixels of a mask whose grey levels are counted
+EDGE = np.ones((5, 5), np.uint8)  # transparent pixels this close to visible ones are antialiased edges
 
 
 @dataclass(frozen=True)
@@ -111,31 +113,84 @@ def get_spec(name: str, keyword: str | None = None) -> DatasetSpec:
     return DatasetSpec(name=name, **fields)
 
 
-def _open(path, what: str) -> Image.Image:
-    """The decoded file, turned as its EXIF orientation says (as viewers show it; said once),
-    with 16-bit-per-channel colour noted (Pillow keeps the high byte of each value)."""
+def pixel_limit() -> int | None:
+    """Pillow's decompression-bomb limit, or the one COTEXNET_MAX_IMAGE_PIXELS sets (0: none)."""
+    raw = os.environ.get(PIXEL_LIMIT_ENV, "").strip()
+    if not raw:
+        return _PILLOW_PIXEL_LIMIT
+    try:
+        limit = int(raw)
+    except ValueError:
+        limit = -1
+    if limit < 0:
+        raise CoTexNetError(f"{PIXEL_LIMIT_ENV}={raw!r}: expected a whole number of pixels (0: no limit)")
+    return limit or None
+
+
+def _too_large(path, limit: int) -> CoTexNetError:
+    """Pillow refused the file before decoding it: say its size (from the header) and the switch."""
+    Image.MAX_IMAGE_PIXELS = None
     try:
         with Image.open(path) as image:
-            deep = any(";16" in str(tile.args) for tile in image.tile) and image.mode in ("RGB", "RGBA")
-            image.load()  # decode now: a truncated file fails here, naming itself
-            orientation = image.getexif().get(0x0112, 1)
-            if orientation not in (1, None):
-                image = ImageOps.exif_transpose(image)
-                warn_once(path, f"EXIF orientation {orientation}: {what} turned as viewers show it")
-            if deep:
-                warn_once(path, f"16 bits per colour channel: {what} read at 8 bits (the high byte of each value)")
-            return image
-    except FileNotFoundError as err:
-        raise CoTexNetError(f"{path}: no such file") from err
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            w, h = image.size
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    return CoTexNetError(f"{path}: image too large: {w}x{h} = {w * h:,} pixels, more than twice Pillow's "
+                         f"decompression-bomb limit of {limit:,}; if you trust the file, set the environment "
+                         f"variable {PIXEL_LIMIT_ENV}={w * h} (0: no limit) and rerun")
+
+
+def _open(path, what: str) -> Image.Image:
+    """The decoded file, turned as its EXIF orientation says (as viewers show it; said once),
+    with 16-bit-per-channel colour noted (Pillow keeps the high byte of each value). An image
+    above Pillow's decompression-bomb limit is read with one warning line, above twice the limit
+    refused as too large (both name the size and COTEXNET_MAX_IMAGE_PIXELS). Pillow's own
+    warnings (corrupt EXIF ...) become one line each, naming the file."""
+    Image.MAX_IMAGE_PIXELS = limit = pixel_limit()
+    try:
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            image = _decode(path, what, limit)
+    except Image.DecompressionBombError as err:
+        raise _too_large(path, limit) from err
+    except (FileNotFoundError, IsADirectoryError) as err:
+        raise CoTexNetError(f"{path}: {layout.why_missing(path)}") from err
+    except (OSError, ValueError, SyntaxError) as err:
         raise CoTexNetError(f"{path}: unreadable or truncated image ({err})") from err
+    for warning in said:
+        if not issubclass(warning.category, Image.DecompressionBombWarning):  # said by _decode, with the switch
+            warn_once(path, f"{what}: {' '.join(str(warning.message).split())} (Pillow)")
+    return image
+
+
+def _decode(path, what: str, limit: int | None) -> Image.Image:
+    """`_open`'s work, under its watch for Pillow's warnings and errors."""
+    with Image.open(path) as image:
+        w, h = image.size
+        if limit and w * h > limit:
+            warn_once(path, f"{what} of {w}x{h} = {w * h:,} pixels, above Pillow's decompression-bomb limit of "
+                            f"{limit:,}: read (it refuses twice that); {PIXEL_LIMIT_ENV}={w * h} allows it silently")
+        deep = any(";16" in str(tile.args) for tile in image.tile) and image.mode in ("RGB", "RGBA")
+        image.load()  # decode now: a truncated file fails here, naming itself
+        orientation = image.getexif().get(0x0112, 1)
+        if orientation not in (1, None):
+            image = ImageOps.exif_transpose(image)
+            warn_once(path, f"EXIF orientation {orientation}: {what} turned as viewers show it")
+        if deep:
+            warn_once(path, f"16 bits per colour channel: {what} read at 8 bits (the high byte of each value)")
+        return image
+
+
+def _through_palette(image: Image.Image) -> Image.Image:
+    """A palette image as the colours it shows (RGB, or RGBA where the palette has transparency)."""
+    if image.mode not in ("P", "PA"):
+        return image
+    return image.convert("RGBA" if image.mode == "PA" or "transparency" in image.info else "RGB")
 
 
 def _alpha(image: Image.Image) -> np.ndarray | None:
-    """The alpha channel when some pixel is not opaque (palette transparency included), else None."""
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode not in ("RGBA", "LA", "PA"):
+    """The alpha channel when some pixel is not opaque, else None (palette images: see _through_palette)."""
+    if image.mode not in ("RGBA", "LA"):
         return None
     alpha = np.array(image.getchannel("A"))
     return alpha if alpha.min() < 255 else None
@@ -150,6 +205,7 @@ def read_image(path) -> np.ndarray:
     if image.mode not in _KNOWN_MODES | set(_PLAIN_MODES):
         warn_once(path, f"{image.mode} colour model: converted to RGB by Pillow (check its colours)")
         image = image.convert("RGB")
+    image = _through_palette(image)  # Pillow's own warning about palette transparency is two lines
     if _alpha(image) is not None:
         warn_once(path, "transparent pixels: alpha dropped, their colours read as stored")
     mode = _PLAIN_MODES.get(image.mode, image.mode)
@@ -214,39 +270,88 @@ def category_masks(path, spec: DatasetSpec, size: tuple[int, int] | None = None,
 
 
 def _binary(path, spec: DatasetSpec, binarize: str) -> np.ndarray:
-    """{0, 1} foreground of a binary mask file by the dataset's threshold, never by the file's
-    own values: a nearly empty 0/255 JPEG mask stays empty whatever its faint noise."""
+    """{0, 1} foreground of a binary mask file as a viewer shows it, by the dataset's threshold,
+    never by the file's own values: a nearly empty 0/255 JPEG mask stays empty whatever its noise.
+
+    "registry": the brightest colour channel of what is shown, palette masks through their
+    palette; where some pixels are transparent, `_with_alpha` decides. "paper": Pillow's
+    convert("L"), as the paper's code reads every mask."""
     image, threshold = _mask_image(path), spec.mask_threshold
+    value, alpha = _shown(image)
+    _say_if_not_a_mask(path, value, spec)
     if binarize == "paper":
         return (np.array(image.convert("L")) >= threshold).astype(np.uint8)
-    if image.mode in ("P", "PA"):
-        return _palette_foreground(path, np.array(image.convert("P") if image.mode == "PA" else image))
-    alpha = _alpha(image)
-    plain = {**_PLAIN_MODES, "LA": "L"}
-    array = np.array(image.convert(plain[image.mode]) if image.mode in plain else image)
-    # colour masks: the brightest channel (np.maximum over planes: 10x faster than max(axis=2))
-    value = array if array.ndim == 2 else np.maximum.reduce([array[:, :, c] for c in range(min(3, array.shape[2]))])
+    void = _voc_void(path, image)
     inside = value >= threshold
+    if void is not None:
+        inside &= ~void
     if alpha is not None:
-        if not inside.any() and (alpha >= threshold).any():
-            warn_once(path, "transparent mask whose colours hold no foreground: read from its alpha channel")
-            return (alpha >= threshold).astype(np.uint8)
-        warn_once(path, "transparent pixels: read from the mask's colours, alpha ignored")
+        return _with_alpha(path, inside, alpha, threshold).astype(np.uint8)
     if not inside.any() and value.max() > 0:
         warn_once(path, f"no value reaches the foreground threshold {threshold} of {spec.name} (largest "
                         f"{value.max()}): read as empty; for 0/1 masks set mask_threshold: 1 in {REGISTRY_FILE.name}")
     return inside.astype(np.uint8)
 
 
-def _palette_foreground(path, indices: np.ndarray) -> np.ndarray:
-    """Palette masks hold class indices, not brightness: foreground = index > 0, except a
-    boundary index 255 beside other classes (the VOC convention), which is background."""
+def _shown(image: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
+    """What a viewer shows of a mask: the brightest colour channel at each pixel (palette
+    masks through their palette; 16-bit grey as it is), and the alpha channel where some pixel
+    is transparent."""
+    image = _through_palette(image)
+    plain = {**_PLAIN_MODES, "LA": "L"}
+    array = np.array(image.convert(plain[image.mode]) if image.mode in plain else image)
+    # colour masks: the brightest channel (np.maximum over planes: 10x faster than max(axis=2))
+    value = array if array.ndim == 2 else np.maximum.reduce([array[:, :, c] for c in range(min(3, array.shape[2]))])
+    return value, _alpha(image)
+
+
+def _voc_void(path, image: Image.Image) -> np.ndarray | None:
+    """VOC-style palette masks mark object boundaries "void" with index 255 in a cream colour: where
+    that index lies beside other classes, its pixels (returned) are background, not object."""
+    if image.mode != "P" or tuple((image.getpalette() or [])[765:768]) != VOC_VOID:
+        return None
+    indices = np.array(image)
     present = np.unique(indices)
-    if 255 in present and len(present[(present > 0) & (present < 255)]):
-        warn_once(path, "palette mask with index 255 beside other classes (a VOC-style boundary): "
-                        "index 255 read as background")
-        return ((indices > 0) & (indices < 255)).astype(np.uint8)
-    return (indices > 0).astype(np.uint8)
+    if 255 not in present or not len(present[(present > 0) & (present < 255)]):
+        return None
+    warn_once(path, "palette mask with index 255 beside other classes (a VOC-style boundary): "
+                    "index 255 read as background")
+    return indices == 255
+
+
+def _with_alpha(path, colour: np.ndarray, alpha: np.ndarray, threshold: int) -> np.ndarray:
+    """The foreground of a mask with transparent pixels, as a viewer shows it. Where its colours
+    show no object (one side of the threshold everywhere) and its alpha varies, the alpha is the
+    mask, by the same threshold; where the colours' object is visible (up to an antialiased
+    edge), the colours are; colours' foreground made transparent beyond that edge makes the
+    file ambiguous: refused."""
+    visible = alpha >= threshold
+    if colour.all() or not colour.any():
+        if alpha.min() == alpha.max():  # evenly (un)seen: the colours as far as they show
+            return colour & visible
+        empty = "" if visible.any() else f" (none at the threshold {threshold}: largest {alpha.max()}, read as empty)"
+        warn_once(path, f"its colours show no object, its transparency does: mask read from the alpha channel{empty}")
+        return visible
+    hidden = colour & ~cv2.dilate(visible.astype(np.uint8), EDGE).astype(bool)
+    if hidden.any():
+        raise CoTexNetError(f"{path}: its colours and its transparency show different masks ({hidden.sum()} of "
+                            f"{colour.sum()} foreground pixels are transparent); save the mask without transparency")
+    return colour
+
+
+def _say_if_not_a_mask(path, value: np.ndarray, spec: DatasetSpec) -> None:
+    """Warn, naming the file, where a binary mask looks like a picture: many pixels at many grey
+    levels far from black and white (values beyond 8 bits stretched, as read_image shows them)."""
+    step = max(1, int((value.size / SAMPLE_PIXELS) ** 0.5))  # a share is measured as well on a sample
+    value = value[::step, ::step]
+    if value.dtype != np.uint8:
+        value = np.nan_to_num(value.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        value = np.clip(value * (255.0 / max(float(value.max()), 1.0)), 0, 255).astype(np.uint8)
+    far = value[(value > FAR_GREYS[0]) & (value < FAR_GREYS[1])]
+    share = far.size / value.size
+    if share > NOT_A_MASK_SHARE and (levels := np.count_nonzero(np.bincount(far, minlength=256))) > NOT_A_MASK_LEVELS:
+        warn_once(path, f"does not look like a mask of {spec.name}: {share:.0%} of its pixels take {levels} grey "
+                        f"levels far from black and white (a photograph?); read with threshold {spec.mask_threshold}")
 
 
 def _resize(label: np.ndarray, size, path) -> np.ndarray:
@@ -322,6 +427,7 @@ class Pairing:
     masks_without_image: list[str]      # relative to masks/ (per_category: "<category folder>/<name>")
     images_without_mask: list[str]      # per_category: also images lacking the mask of some category
     other_extensions: dict[str, str] = field(default_factory=dict)  # stem -> an image left out by its extension
+    other_masks: list[str] = field(default_factory=list)  # where no mask has the extension asked for: the others
 
     def check(self, dataset_dir, spec: DatasetSpec) -> None:
         """The scripts' rule: a mask without image stops the run (naming it); images without
@@ -337,7 +443,10 @@ class Pairing:
                                 + (f" (and {more} more masks without image)" if more else "") + hint
                                 + "; nothing written")
         if not self.pairs:
-            raise CoTexNetError(f"{Path(dataset_dir) / 'masks'}: no masks found")
+            found = self.other_masks
+            hint = (f" with the extension asked for; found {len(found)} files with another, e.g. {found[0]}: "
+                    f"pass --mask-format {PurePosixPath(found[0]).suffix}" if found else "")
+            raise CoTexNetError(f"{Path(dataset_dir) / 'masks'}: no masks found{hint}")
         if self.images_without_mask:
             where = " in every category folder" if spec.mask_layout == "per_category" else ""
             names = self.images_without_mask
@@ -347,7 +456,7 @@ class Pairing:
 
 def _list_images(folder: Path, ext: str) -> list[str]:
     if not folder.is_dir():
-        raise CoTexNetError(f"{folder}: no such folder")
+        raise CoTexNetError(f"{folder}: {layout.why_missing(folder, 'folder')}")
     return layout.list_files(folder, (ext,) if ext else layout.IMAGE_EXTS)
 
 
@@ -384,4 +493,5 @@ def pair_files(dataset_dir, spec: DatasetSpec, image_ext: str | None = None,
     others = {}
     if orphans and (spec.image_ext if image_ext is None else image_ext):  # what the extension filter left out
         others = {layout.stem(name): name for name in _list_images(dataset_dir / "images", "") if name not in images}
-    return Pairing(pairs, orphans, [name for name in images if name not in paired], others)
+    other_masks = _list_images(masks_dir, "") if not masks and mask_ext else []
+    return Pairing(pairs, orphans, [name for name in images if name not in paired], others, other_masks)

@@ -5,7 +5,8 @@
 
 Why one process: importing torch + transformers costs ~10 s on the 2-core test machines, so
 ~70 subprocesses would take minutes. A case's `answers` (LLaVA stand-in) replaces the model's
-generate() by scripted answers, so that the parser, retries and fallback run on chosen text.
+generate() by scripted answers, so that the parser, retries and fallback run on chosen text;
+its `env` sets environment variables for its run only.
 Each case starts from fresh accelerate state, so cases cannot leak settings into each other.
 """
 
@@ -13,6 +14,7 @@ import contextlib
 import io
 import itertools
 import json
+import os
 import runpy
 import sys
 import traceback
@@ -41,6 +43,21 @@ def scripted_llava(answers: list[str] | None):
         cls.__init__, cls.generate = saved
 
 
+@contextlib.contextmanager
+def environment(variables: dict[str, str] | None):
+    """The case's environment variables set for its run only."""
+    saved = {name: os.environ.get(name) for name in variables or {}}
+    os.environ.update(variables or {})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
+
+
 def run_case(case: dict) -> dict:
     from accelerate.state import AcceleratorState
 
@@ -49,7 +66,8 @@ def run_case(case: dict) -> dict:
     script = case["script"]
     sys.argv = [script, *case["argv"]]
     code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), scripted_llava(case.get("answers")):
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), scripted_llava(case.get("answers")), \
+            environment(case.get("env")):
         try:
             if script.endswith(".py"):
                 runpy.run_path(str(REPO / script), run_name="__main__")

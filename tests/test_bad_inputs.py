@@ -68,13 +68,14 @@ def dataset(mutate: Callable[[Path], None] | None = None, rois: bool = False, sr
     return setup
 
 
-def odd_mode(image: Callable[[np.ndarray], Image.Image], mask: Callable[[np.ndarray], Image.Image]):
-    """ws/ds with one image a.png and mask a.png in the given modes (a rectangle inside)."""
+def odd_mode(image: Callable[[np.ndarray], Image.Image], mask: Callable[[np.ndarray], Image.Image],
+             mask_name: str = "a.png"):
+    """ws/ds with one image a.png and mask a.png (or `mask_name`) in the given modes (a rectangle inside)."""
     def setup(ws: Path, b) -> None:
         for sub in ("images", "masks"):
             (ws / "ds" / sub).mkdir(parents=True)
         image(RGB).save(ws / "ds" / "images" / "a.png")
-        mask(INSIDE).save(ws / "ds" / "masks" / "a.png")
+        mask(INSIDE).save(ws / "ds" / "masks" / mask_name)
     return setup
 
 
@@ -446,6 +447,7 @@ class Case:
     check: Callable | None = None
     answers: list[str] | None = None
     xfail: str | None = None       # a known bug of a file this developer does not own
+    env: dict[str, str] | None = None  # environment variables of this case's run
 
 
 ROI = "data_process/make_ROI_img.py"
@@ -500,8 +502,12 @@ CASES = [
                               lambda m: Image.fromarray(m.astype(np.uint8) * 255).convert("RGBA")), ROI, ODD_ARGS, 0,
          ("1 images done",), check=roi_matches_mask),
     Case("roi_palette", odd_mode(lambda a: Image.fromarray(a).convert("P", palette=Image.Palette.ADAPTIVE),
-                                 lambda m: Image.fromarray(m.astype(np.uint8)).convert("P")), ROI, ODD_ARGS, 0,
+                                 lambda m: Image.fromarray(m.astype(np.uint8) * 255).convert("P")), ROI, ODD_ARGS, 0,
          ("1 images done",), check=roi_matches_mask),
+    # Indices 0/1 in a grey palette show black on black: read as a 0/1 grey mask is, by the dataset's threshold.
+    Case("roi_palette_0_1", odd_mode(Image.fromarray, lambda m: Image.fromarray(m.astype(np.uint8)).convert("P")), ROI,
+         ODD_ARGS, 0, ("1 images done", "a.png: no value reaches the foreground threshold 128", "mask_threshold: 1"),
+         check=roi_is_black),
     Case("roi_grayscale", odd_mode(lambda a: Image.fromarray(a).convert("L"),
                                    lambda m: Image.fromarray(m.astype(np.uint8) * 255)), ROI, ODD_ARGS, 0,
          ("1 images done",), check=roi_matches_mask),
@@ -837,6 +843,271 @@ CASES = [
 ]
 
 
+# --- masks read as a person sees them, folders as a file browser shows them, messages that say
+# what happened (issue 21, classes 4-6) --------------------------------------------------------
+def palette(colours, object_index: int, background_index: int, transparent: int | None = None):
+    """A palette mask: the rectangle at one index, the rest at another; `colours` is the palette,
+    `transparent` the index the PNG's tRNS chunk makes see-through."""
+    def make(m: np.ndarray) -> Image.Image:
+        index = np.where(m, object_index, background_index).astype(np.uint8)
+        image = Image.frombytes("P", (m.shape[1], m.shape[0]), index.tobytes())
+        image.putpalette([value for colour in colours for value in colour])
+        if transparent is not None:
+            image.info["transparency"] = transparent
+        return image
+    return make
+
+
+def alpha_over(colour: int | tuple):
+    """A mask of one colour everywhere (grey: LA, RGB: RGBA) whose alpha channel draws the rectangle."""
+    def make(m: np.ndarray) -> Image.Image:
+        planes = [np.full(m.shape, c, np.uint8) for c in np.atleast_1d(colour)]
+        return Image.fromarray(np.dstack(planes + [m.astype(np.uint8) * 255]))
+    return make
+
+
+def colours_and_alpha_disagree(m: np.ndarray) -> Image.Image:
+    """The rectangle white on black, but only the left half of the picture opaque."""
+    alpha = np.zeros(m.shape, np.uint8)
+    alpha[:, : m.shape[1] // 2] = 255
+    return Image.fromarray(np.dstack([m.astype(np.uint8) * 255] * 3 + [alpha]))
+
+
+def blurred_adaptive(m: np.ndarray) -> Image.Image:
+    """An antialiased 0/255 mask saved with an adaptive palette of 16 colours, as editors do."""
+    soft = cv2.GaussianBlur(m.astype(np.uint8) * 255, (5, 5), 1.0)
+    return Image.fromarray(soft).convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+
+
+def photo_16bit(folder: Path) -> None:
+    """masks/syn_0001.jpg replaced by its own image as a 16-bit grey PNG (12 bits used, as scanners write)."""
+    grey = cv2.imread(str(folder / "images/syn_0001.jpg"), cv2.IMREAD_GRAYSCALE).astype(np.uint16) * 16
+    (folder / M1).unlink()
+    cv2.imwrite(str(folder / "masks/syn_0001.png"), grey)
+
+
+def label_map_in_colours(folder: Path) -> None:
+    """The label maps of the multi-class dataset saved as palette PNGs whose palette shows class 1
+    white and class 2 red, as viewers colour them: the indices stay the classes."""
+    for path in (folder / "masks").iterdir():
+        label = np.array(Image.open(path))
+        image = Image.frombytes("P", (label.shape[1], label.shape[0]), label.astype(np.uint8).tobytes())
+        image.putpalette([0, 0, 0, 255, 255, 255, 255, 0, 0])
+        image.save(path)
+
+
+def rois_follow_classes(ws: Path, result: dict) -> None:
+    """Each category's ROI shows the image where the palette index is that class, black elsewhere."""
+    for path in (ws / "ds" / "masks").iterdir():
+        label = np.array(Image.open(path))
+        for k, category in enumerate(("polyp area", "lesion area"), start=1):
+            roi = cv2.imread(str(ws / "ds" / "ROIs" / f"{path.stem}__{category}.jpg"), cv2.IMREAD_GRAYSCALE)
+            near = cv2.dilate((label == k).astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
+            assert roi[~near].mean() < 3 and (roi[label == k].mean() > 20 if (label == k).any() else roi.max() < 3), \
+                (path.name, category)
+
+
+def behind_link(name: str, *kinds: str, links: tuple[str, ...] = ("sub",), back: bool = False):
+    """File `name` of each `kinds` folder moved out of the dataset to ws/extra/<kind>/, a folder
+    reached from <kind>/<link> for each of `links` (relative symbolic links); `back`: a link
+    inside it, extra/images/back, leads up to the dataset's images/ (a loop)."""
+    def mutate(root: Path) -> None:
+        for kind in kinds:
+            outside = root.parent / "extra" / kind
+            outside.mkdir(parents=True)
+            (root / kind / name).rename(outside / name)
+            for link in links:
+                (root / kind / link).symlink_to(os.path.relpath(outside, root / kind), target_is_directory=True)
+        if back:
+            (root.parent / "extra" / "images" / "back").symlink_to(os.path.relpath(root / "images", root.parent / "extra" / "images"),
+                                                                  target_is_directory=True)
+    return mutate
+
+
+def link_out(*rels: str):
+    """Folders `rels` of the dataset moved to ws/extra/ and reached by a relative symbolic link at their place."""
+    def mutate(root: Path) -> None:
+        for rel in rels:
+            target = root.parent / "extra" / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).rename(target)
+            (root / rel).symlink_to(os.path.relpath(target, (root / rel).parent), target_is_directory=True)
+    return mutate
+
+
+def chain(*mutations):
+    def mutate(root: Path) -> None:
+        for m in mutations:
+            m(root)
+    return mutate
+
+
+def broken_link(rel: str):
+    """File `rel` of the dataset replaced by a symbolic link to where it no longer is."""
+    def mutate(root: Path) -> None:
+        (root / rel).unlink()
+        (root / rel).symlink_to(f"../../moved/{Path(rel).name}")
+    return mutate
+
+
+def bomb_png(path: Path, b=None) -> None:
+    """A complete, valid PNG of 20000x10000 black pixels (1 bit each) in 25 kB: a decompression bomb."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packer, row = zlib.compressobj(9), b"\0" * (1 + 20000 // 8)
+    body = b"".join(packer.compress(row) for _ in range(10000)) + packer.flush()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 10000, 1, 0, 0, 0, 0))
+                     + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+
+
+def with_palette_transparency(a: np.ndarray) -> Image.Image:
+    """The picture with an adaptive palette whose first colour is half transparent (a tRNS of bytes)."""
+    image = Image.fromarray(a).convert("P", palette=Image.Palette.ADAPTIVE)
+    image.info["transparency"] = bytes([128] + [255] * 255)
+    return image
+
+
+def corrupt_exif(rel: str):
+    """Image `rel` saved again with an EXIF block whose one entry points beyond its end (Pillow warns)."""
+    def mutate(root: Path) -> None:
+        Image.open(root / rel).save(root / rel, quality=95, exif=b"Exif\0\0II*\0\x08\0\0\0\x05\0\x0f\x01\x02\0"
+                                                                  b"\xff\xff\0\0\0\0")
+    return mutate
+
+
+def roi_written(*rels: str):
+    def check(ws: Path, result: dict) -> None:
+        for rel in rels:
+            assert (ws / "ds" / "ROIs" / rel).is_file(), rel
+    return check
+
+
+def split_rows_hold(name: str, total: int):
+    def check(ws: Path, result: dict) -> None:
+        names = [n for split in ("train", "val", "test") for n in pd.read_csv(ws / "out" / f"{split}_data.csv")["img_name"]]
+        assert name in names and len(names) == total == len(set(names)), names
+    return check
+
+
+def text_rows_hold(name: str, total: int):
+    def check(ws: Path, result: dict) -> None:
+        names = list(pd.read_csv(ws / "out.csv")["roi_name"])
+        assert name in names and len(names) == total, names
+    return check
+
+
+def one_line_each(*fragments: str):
+    """Each fragment on exactly one output line, and none of Pillow's own warning text."""
+    def check(ws: Path, result: dict) -> None:
+        lines = (result["stdout"] + result["stderr"]).splitlines()
+        for fragment in fragments:
+            assert sum(fragment.format(ws=ws) in line for line in lines) == 1, (fragment, lines)
+        assert not any("Warning: " in line or "warnings.warn" in line for line in lines), lines
+    return check
+
+
+WHITE, BLACK = (255, 255, 255), (0, 0, 0)
+SYN_SUB = "sub/syn_0001.jpg"
+SPLIT_ARGS = "--dataset-name synthetic --dataset-path {ws}/ds --out-dir {ws}/out"
+CASES += [
+    # masks are read as a person sees them ------------------------------------------------------
+    Case("mask_palette_white_at_index_0", odd_mode(Image.fromarray, palette([WHITE, BLACK], 0, 1)), ROI, ODD_ARGS, 0,
+         ("1 images done",), check=roi_matches_mask),
+    Case("mask_palette_adaptive", odd_mode(Image.fromarray, lambda m: Image.fromarray(m.astype(np.uint8) * 255).convert(
+        "RGB").convert("P", palette=Image.Palette.ADAPTIVE)), ROI, ODD_ARGS, 0, ("1 images done",), check=roi_matches_mask),
+    Case("mask_palette_adaptive_antialiased", odd_mode(Image.fromarray, blurred_adaptive), ROI, ODD_ARGS, 0,
+         ("1 images done",), check=roi_matches_mask),
+    Case("mask_palette_unused_index_0", odd_mode(Image.fromarray, palette([(255, 0, 255), BLACK, WHITE], 2, 1)), ROI,
+         ODD_ARGS, 0, ("1 images done",), check=roi_matches_mask),
+    Case("mask_gif", odd_mode(Image.fromarray, lambda m: Image.fromarray(np.where(m, 255, 0).astype(np.uint8)).convert(
+        "P", palette=Image.Palette.ADAPTIVE), mask_name="a.gif"), ROI, ODD_ARGS, 0, ("1 images done",),
+         check=roi_matches_mask),
+    Case("mask_white_with_the_object_in_alpha", odd_mode(Image.fromarray, alpha_over((255, 255, 255))), ROI, ODD_ARGS, 0,
+         ("1 images done", "a.png: its colours show no object, its transparency does"), check=roi_matches_mask),
+    Case("mask_grey_alpha_with_the_object_in_alpha", odd_mode(Image.fromarray, alpha_over(200)), ROI,
+         ODD_ARGS, 0, ("1 images done",), check=roi_matches_mask),
+    Case("mask_palette_with_a_transparent_index", odd_mode(Image.fromarray, palette([WHITE, WHITE], 0, 1, transparent=1)),
+         ROI, ODD_ARGS, 0, ("1 images done",), check=roi_matches_mask),
+    Case("mask_colours_and_alpha_disagree", odd_mode(Image.fromarray, colours_and_alpha_disagree), ROI, ODD_ARGS, 2,
+         ("{ws}/ds/masks/a.png: its colours and its transparency show different masks",
+          "save the mask without transparency"), ("ds/ROIs/a.jpg",)),
+    Case("mask_is_a_photograph", dataset(lambda d: shutil.copy(d / "images/syn_0001.jpg", d / M1)), ROI, ROI_ARGS, 0,
+         ("warning: {ws}/ds/masks/syn_0001.jpg: does not look like a mask of synthetic", "4 images done")),
+    Case("mask_is_a_16bit_photograph", dataset(photo_16bit), ROI, ROI_ARGS, 0,
+         ("warning: {ws}/ds/masks/syn_0001.png: does not look like a mask of synthetic", "4 images done")),
+    Case("mask_label_map_in_palette_colours_stays_classes", dataset(label_map_in_colours, src="mc"), ROI,
+         "--dataset-name synthetic_multiclass --dataset-path {ws}/ds --workers 1", 0, ("2 images done",),
+         check=rois_follow_classes),
+    # folders are read as a file browser shows them --------------------------------------------
+    Case("folder_symlinked_sub_folder", dataset(behind_link("syn_0001.jpg", "images", "masks")), ROI, ROI_ARGS, 0,
+         ("4 images done",), check=roi_written(SYN_SUB)),
+    Case("folder_link_loop", dataset(behind_link("syn_0001.jpg", "images", "masks", back=True)), ROI, ROI_ARGS, 0,
+         ("4 images done", "warning: {ws}/ds/images/sub/back: a link to a folder already read as {ws}/ds/images: read once"),
+         ("ds/ROIs/sub/back",), check=roi_written(SYN_SUB)),
+    Case("folder_two_links_to_one_folder", dataset(behind_link("syn_0001.jpg", "images", "masks", links=("a", "b"))),
+         ROI, ROI_ARGS, 0, ("4 images done", "warning: {ws}/ds/images/b: a link to a folder already read as {ws}/ds/images/a: read once"),
+         ("ds/ROIs/b",), check=roi_written("a/syn_0001.jpg")),
+    Case("text_rois_in_a_symlinked_folder", dataset(chain(into_sub_folder("syn_0001.jpg", "sub"), link_out("ROIs/sub")),
+                                                    rois=True), "get_text.py", TEXT_ARGS, 0, ("4 rows",),
+         check=text_rows_hold(SYN_SUB, 4)),
+    Case("splits_symlinked_sub_folder", dataset(behind_link("syn_0001.jpg", "images", "masks")), SPLITS, SPLIT_ARGS, 0,
+         ("3/0/1 train/val/test",), check=split_rows_hold(SYN_SUB, 4)),
+    Case("predict_symlinked_sub_folder", both(predict_inputs("a.jpg", "elsewhere/c.jpg"),
+                                              lambda ws, b: link_out("elsewhere")(ws / "in")), "predict.py",
+         "--run {run} --input {ws}/in --output {ws}/out", 0,
+         ("warning: --input {ws}/in: 1 images in sub-folders are not read, e.g. ['elsewhere/c.jpg']", "1 mask(s) written")),
+    # messages say what happened ---------------------------------------------------------------
+    Case("image_above_the_pixel_limit", both(odd_mode(Image.fromarray, Image.fromarray), files(**{"ds/images/a.png": bomb_png})),
+         ROI, ODD_ARGS, 2, ("{ws}/ds/images/a.png: image too large: 20000x10000 = 200,000,000 pixels",
+                            "COTEXNET_MAX_IMAGE_PIXELS=200000000"), ("ds/ROIs/a.jpg",)),
+    Case("predict_image_above_the_pixel_limit", both(predict_inputs("a.jpg"), files(**{"in/big.png": bomb_png})), "predict.py",
+         "--run {run} --input {ws}/in --output {ws}/out", 0, ("{ws}/in/big.png: image too large: 20000x10000",
+                                                             "1 mask(s) written"), check=predicted("a.png")),
+    Case("image_between_the_pixel_limit_and_twice_it", odd_mode(Image.fromarray, lambda m: Image.fromarray(m.astype(np.uint8) * 255)),
+         ROI, ODD_ARGS, 0, ("1 images done",), check=one_line_each(
+             "warning: {ws}/ds/images/a.png: image of 48x40 = 1,920 pixels, above Pillow's decompression-bomb limit of 1,500",
+             "warning: {ws}/ds/masks/a.png: mask of 48x40 = 1,920 pixels"), env={"COTEXNET_MAX_IMAGE_PIXELS": "1500"}),
+    Case("pixel_limit_lowered", odd_mode(Image.fromarray, lambda m: Image.fromarray(m.astype(np.uint8) * 255)), ROI, ODD_ARGS, 2,
+         ("{ws}/ds/images/a.png: image too large: 48x40 = 1,920 pixels", "COTEXNET_MAX_IMAGE_PIXELS=1920"),
+         ("ds/ROIs/a.jpg",), env={"COTEXNET_MAX_IMAGE_PIXELS": "500"}),
+    Case("pixel_limit_not_a_number", odd_mode(Image.fromarray, lambda m: Image.fromarray(m.astype(np.uint8) * 255)), ROI, ODD_ARGS, 2,
+         ("COTEXNET_MAX_IMAGE_PIXELS='lots': expected a whole number of pixels",), ("ds/ROIs/a.jpg",),
+         env={"COTEXNET_MAX_IMAGE_PIXELS": "lots"}),
+    Case("image_palette_with_transparency", odd_mode(with_palette_transparency, lambda m: Image.fromarray(
+        m.astype(np.uint8) * 255)), ROI, ODD_ARGS, 0, ("1 images done",),
+         check=one_line_each("warning: {ws}/ds/images/a.png: transparent pixels: alpha dropped")),
+    Case("image_with_corrupt_exif", dataset(corrupt_exif("images/syn_0001.jpg")), ROI, ROI_ARGS, 0, ("4 images done",),
+         check=one_line_each("warning: {ws}/ds/images/syn_0001.jpg: image: Corrupt EXIF data")),
+    Case("predict_input_is_a_broken_link", lambda ws, b: (ws / "in").symlink_to("gone", target_is_directory=True),
+         "predict.py", "--run {run} --input {ws}/in --output {ws}/out", 2,
+         ("--input {ws}/in: a link to gone, which does not exist",), ("out",)),
+    Case("image_is_a_broken_link", dataset(broken_link("images/syn_0001.jpg")), ROI, ROI_ARGS, 2,
+         ("{ws}/ds/images/syn_0001.jpg: a link to ../../moved/syn_0001.jpg, which does not exist",), ("ds/ROIs/syn_0001.jpg",)),
+    Case("masks_of_another_extension", dataset(), SPLITS, SPLIT_ARGS + " --mask-format .png", 2,
+         ("{ws}/ds/masks: no masks found", "found 4 files with another, e.g. syn_0000.jpg: pass --mask-format .jpg"),
+         ("out",)),
+    Case("split_lists_a_folder", both(
+        lambda ws, b: shutil.copytree(b.root / "synthetic", ws / "data" / "synthetic"),
+        lambda ws, b: [(ws / "data/synthetic/images/syn_0003.jpg").unlink(), (ws / "data/synthetic/images/syn_0003.jpg").mkdir()],
+        config("DATASET.root_dir={ws}/data")), "train.py", TRAIN_ARGS, 2,
+         ("{ws}/data/synthetic/images/syn_0003.jpg: a folder, not an image file, but listed in the split of synthetic",),
+         NO_RUN),
+    Case("split_lists_a_broken_link", both(
+        lambda ws, b: shutil.copytree(b.root / "synthetic", ws / "data" / "synthetic"),
+        lambda ws, b: broken_link("images/syn_0003.jpg")(ws / "data" / "synthetic"),
+        config("DATASET.root_dir={ws}/data")), "train.py", TRAIN_ARGS, 2,
+         ("{ws}/data/synthetic/images/syn_0003.jpg: a link to ../../moved/syn_0003.jpg, which does not exist, but listed",),
+         NO_RUN),
+    Case("images_folder_is_a_file", dataset(lambda d: [shutil.rmtree(d / "images"), (d / "images").write_text("x")]),
+         ROI, ROI_ARGS, 2, ("{ws}/ds/images: a file, not a folder",), ("ds/ROIs",)),
+]
+
+
 @pytest.fixture(scope="module")
 def base(synthetic_root, train_setup, tmp_path_factory):  # noqa: F811
     """Inputs shared by the cases, built once: a 4-image dataset with ROIs, a 2-image label-map
@@ -878,7 +1149,7 @@ def results(base, tmp_path_factory):
         case.setup(ws, base)
         fill = dict(ws=ws, clipseg=base.clipseg, other=base.other, run=base.run, llava=base.llava)
         jobs.append(dict(id=case.id, script=case.script, argv=shlex.split(case.args.format(**fill)),
-                         answers=case.answers))
+                         answers=case.answers, env=case.env))
         folders[case.id] = ws
     (top / "cases.json").write_text(json.dumps(jobs))
     done = subprocess.run([sys.executable, DRIVER, top / "cases.json", top / "results.json"], cwd=top, env=env(),
@@ -939,6 +1210,20 @@ def test_real_subprocess_prints_one_line_and_exits_2(script, args, expected, tmp
     done = subprocess.run([sys.executable, REPO / script, *shlex.split(args.format(tmp=tmp_path))], env=env(),
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr == expected.format(tmp=tmp_path) + "\n", done.stderr
+
+
+def test_real_subprocess_training_says_each_large_image_once(base, tmp_path):
+    """A warning said in DataLoader workers (a new set of processes each epoch) comes once per
+    file and command. The driver cannot see a worker's stderr, so train.py runs as a user runs it.
+    74,000 pixels: the synthetic images of 75,756 to 147,649 pixels warn, none is refused."""
+    config("TRAIN.epochs=2", "TRAIN.num_workers=2")(tmp_path, base)
+    done = subprocess.run([sys.executable, REPO / "train.py", "--config", tmp_path / "config.yaml"], cwd=tmp_path,
+                          env=dict(env(), COTEXNET_MAX_IMAGE_PIXELS="74000"), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert list(pd.read_csv(tmp_path / "runs" / "r" / "log.csv")["epoch"]) == [1, 2]
+    named = re.findall(r"warning: (\S+): \w+ of \d+x\d+ = [\d,]+ pixels, above Pillow's decompression-bomb limit of 74,000",
+                       done.stderr)  # progress bars may share a line
+    assert named and len(named) == len(set(named)), named
 
 
 # --- safety: every load of a checkpoint is pickle-free unless the user opts in ----------------

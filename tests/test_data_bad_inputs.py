@@ -50,7 +50,7 @@ def test_16bit_rgba_palette_and_gray_inputs_end_to_end(tmp_path):
               "gray": Image.fromarray(rgb).convert("L")}
     masks = {"deep": Image.fromarray(inside.astype(np.uint16) * 65535),
              "alpha": Image.fromarray(np.dstack([inside * 255] * 3 + [np.full(inside.shape, 255)]).astype(np.uint8)),
-             "pal": Image.fromarray(inside.astype(np.uint8)).convert("P"),  # palette indices 0/1
+             "pal": Image.fromarray(inside.astype(np.uint8) * 255).convert("P"),  # a grey palette, indices 0/255
              "gray": Image.fromarray(inside.astype(np.uint8) * 255)}        # a 0/255 gray mask
     for name in images:
         images[name].save(tmp_path / "images" / f"{name}.png")

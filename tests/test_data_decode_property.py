@@ -4,7 +4,6 @@
 import io
 
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -13,8 +12,6 @@ from PIL import Image
 from common.errors import CoTexNetError
 from data_process.registry import get_spec, read_image, read_mask
 
-# Damaged files make Pillow warn (corrupt EXIF ...) before it fails or recovers: expected here.
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 SPECS = [get_spec("kvasir"), get_spec("QaTa-COV19"), get_spec("camus"), get_spec("synthetic_multiclass")]
 SETTINGS = settings(max_examples=50, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

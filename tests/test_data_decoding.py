@@ -119,10 +119,16 @@ def test_palette_mask_with_a_voc_boundary_index(tmp_path, capsys):
     voc.save(tmp_path / "voc.png")
     assert (read_mask(tmp_path / "voc.png", KVASIR) == (index == 1)).all()
     assert "voc.png: palette mask with index 255 beside other classes" in capsys.readouterr().err
-    plain = Image.fromarray((index > 0).astype(np.uint8), mode="L").convert("P")  # indices 0/1, no boundary
+
+
+def test_zero_one_palette_mask_follows_the_threshold_as_a_zero_one_grey_mask(tmp_path, capsys):
+    """Indices 0/1 in Pillow's grey palette show black on black: a 0/1 mask, read by the dataset's
+    threshold like a grey one (the paper's convert("L") gives 0/1 too)."""
+    plain = Image.fromarray((_circle() > 0).astype(np.uint8)).convert("P")
     plain.save(tmp_path / "plain.png")
-    assert (read_mask(tmp_path / "plain.png", KVASIR) == (index > 0)).all()
-    assert capsys.readouterr().err == ""
+    assert (read_mask(tmp_path / "plain.png", get_spec("QaTa-COV19")) == (_circle() > 0)).all()
+    assert not read_mask(tmp_path / "plain.png", KVASIR).any()
+    assert "plain.png: no value reaches the foreground threshold 128" in capsys.readouterr().err
 
 
 def test_transparency_is_said_and_an_alpha_only_mask_read_from_alpha(tmp_path, capsys):
@@ -134,7 +140,7 @@ def test_transparency_is_said_and_an_alpha_only_mask_read_from_alpha(tmp_path, c
     Image.fromarray(image, "RGBA").save(tmp_path / "see_through.png")
     assert (read_image(tmp_path / "see_through.png") == 90).all()
     err = capsys.readouterr().err
-    assert "alpha.png: transparent mask whose colours hold no foreground: read from its alpha" in err
+    assert "alpha.png: its colours show no object, its transparency does: mask read from the alpha channel" in err
     assert "see_through.png: transparent pixels: alpha dropped" in err
 
 
@@ -155,3 +161,145 @@ def test_pure_red_mask_registry_and_paper_readings(tmp_path):
     white = Image.fromarray(_circle())
     white.save(tmp_path / "white.png")
     assert (read_mask(tmp_path / "white.png", KVASIR, binarize="paper") == (_circle() > 0)).all()
+
+
+WHITE, BLACK = (255, 255, 255), (0, 0, 0)
+
+
+def _palette_png(path, inside: np.ndarray, colours, object_index: int, background_index: int,
+                 transparent: int | None = None, **save) -> None:
+    index = np.where(inside, object_index, background_index).astype(np.uint8)
+    image = Image.frombytes("P", (inside.shape[1], inside.shape[0]), index.tobytes())
+    image.putpalette([value for colour in colours for value in colour])
+    if transparent is not None:
+        image.info["transparency"] = transparent
+    image.save(path, **save)
+
+
+def _pil_paper_reading(path) -> np.ndarray:
+    """The paper's reading of a mask file, re-stated: Pillow's grey value, foreground from 128."""
+    return np.array(Image.open(path).convert("L")) >= 128
+
+
+def test_palette_masks_are_read_through_their_palette(tmp_path, capsys):
+    """Whatever the order of the palette, the mask is the white a viewer shows, in both readings."""
+    inside = _circle() > 0
+    _palette_png(tmp_path / "white_at_0.png", inside, [WHITE, BLACK], 0, 1)
+    _palette_png(tmp_path / "unused_0.png", inside, [(255, 0, 255), BLACK, WHITE], 2, 1)
+    _palette_png(tmp_path / "one_bit.png", inside, [WHITE, BLACK], 0, 1, bits=1)
+    _palette_png(tmp_path / "indexed.bmp", inside, [BLACK] * 7 + [WHITE], 7, 3)
+    Image.fromarray(_circle()).convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE).save(tmp_path / "adaptive.png")
+    Image.fromarray(_circle()).save(tmp_path / "grey.gif")
+    for name in ("white_at_0.png", "unused_0.png", "one_bit.png", "indexed.bmp", "adaptive.png", "grey.gif"):
+        assert Image.open(tmp_path / name).mode == "P", name
+        assert (read_mask(tmp_path / name, KVASIR) == inside).all(), name
+        paper = read_mask(tmp_path / name, KVASIR, binarize="paper")
+        assert (paper == _pil_paper_reading(tmp_path / name)).all() and (paper == inside).all(), name
+    assert capsys.readouterr().err == ""
+
+
+def test_paper_reading_is_pillows_grey_value_for_every_format(tmp_path):
+    """DATASET.binarize paper keeps the paper's reading exactly, transparency and colour included."""
+    inside = _circle() > 0
+    red = np.zeros((48, 64, 3), np.uint8)
+    red[inside] = (255, 0, 0)
+    Image.fromarray(red).save(tmp_path / "red.png")
+    Image.fromarray(np.dstack([np.full(inside.shape, 255, np.uint8)] * 3 + [_circle()])).save(tmp_path / "rgba.png")
+    Image.fromarray(np.dstack([np.full(inside.shape, 200, np.uint8), _circle()])).save(tmp_path / "la.png")
+    Image.fromarray(_circle().astype(np.uint16) * 257).save(tmp_path / "deep.png")
+    cv2.imwrite(str(tmp_path / "artefacts.jpg"), _circle(), [cv2.IMWRITE_JPEG_QUALITY, 40])
+    _palette_png(tmp_path / "trns.png", inside, [WHITE, WHITE], 0, 1, transparent=1)
+    for name in ("red.png", "rgba.png", "la.png", "deep.png", "artefacts.jpg", "trns.png"):
+        assert (read_mask(tmp_path / name, KVASIR, binarize="paper") == _pil_paper_reading(tmp_path / name)).all(), name
+
+
+def test_transparency_decides_where_the_colours_show_no_object(tmp_path, capsys):
+    """One colour everywhere (RGBA, grey + alpha, a palette with tRNS): the alpha channel is the
+    mask. Colours and alpha that agree (up to an antialiased edge): the colours. Colours whose
+    object is partly transparent: refused, naming the file."""
+    inside = _circle() > 0
+    full = np.full(inside.shape, 255, np.uint8)
+    Image.fromarray(np.dstack([full] * 3 + [_circle()])).save(tmp_path / "white_rgba.png")
+    Image.fromarray(np.dstack([full // 2, _circle()])).save(tmp_path / "grey_la.png")
+    _palette_png(tmp_path / "trns.png", inside, [WHITE, WHITE], 0, 1, transparent=1)
+    soft = cv2.GaussianBlur(_circle(), (7, 7), 2.0)  # alpha antialiased beyond the colours' edge
+    Image.fromarray(np.dstack([_circle()] * 3 + [soft])).save(tmp_path / "agree.png")
+    for name in ("white_rgba.png", "grey_la.png", "trns.png", "agree.png"):
+        assert (read_mask(tmp_path / name, KVASIR) == inside).all(), name
+    err = capsys.readouterr().err
+    assert err.count("its colours show no object, its transparency does") == 3 and "agree.png" not in err
+    moved = np.roll(_circle(), 20, axis=1)  # the alpha shows the circle elsewhere
+    Image.fromarray(np.dstack([_circle()] * 3 + [moved])).save(tmp_path / "disagree.png")
+    with pytest.raises(CoTexNetError, match=r"disagree.png: its colours and its transparency show different masks"):
+        read_mask(tmp_path / "disagree.png", KVASIR)
+
+
+def _pictures(tmp_path) -> list:
+    """Pictures given as masks: a colour photograph (JPEG), its grey, and a 12-bit grey scan in 16 bits."""
+    from data_process.make_synthetic import make_synthetic
+
+    make_synthetic(tmp_path / "syn", count=1, seed=3)
+    photo = next((tmp_path / "syn" / "synthetic" / "images").iterdir())
+    grey = cv2.imread(str(photo), cv2.IMREAD_GRAYSCALE)
+    cv2.imwrite(str(tmp_path / "grey.png"), grey)
+    cv2.imwrite(str(tmp_path / "scan.png"), grey.astype(np.uint16) * 16)
+    return [photo, tmp_path / "grey.png", tmp_path / "scan.png"]
+
+
+def test_a_picture_given_as_a_mask_is_said_and_masks_are_not(tmp_path, capsys):
+    for path in _pictures(tmp_path):
+        read_mask(path, KVASIR)
+        read_mask(path, get_spec("QaTa-COV19"), binarize="paper")
+        err = capsys.readouterr().err
+        assert err.count(f"{path}: does not look like a mask of") == 2 and "a photograph?" in err, err
+    big = np.zeros((480, 640), np.uint8)
+    cv2.circle(big, (320, 240), 100, 255, -1)
+    cv2.imwrite(str(tmp_path / "small.png"), cv2.resize(big, (64, 48), interpolation=cv2.INTER_AREA))  # antialiased
+    cv2.imwrite(str(tmp_path / "rough.jpg"), big, [cv2.IMWRITE_JPEG_QUALITY, 20])
+    ids = np.zeros((48, 64), np.uint8)
+    for k in range(1, 40):  # an instance map (GLaS): 39 glands of ids 1..39
+        ids[(k // 8) * 9 + 1:(k // 8) * 9 + 8, (k % 8) * 8 + 1:(k % 8) * 8 + 7] = k
+    Image.fromarray(ids).save(tmp_path / "ids.bmp")
+    for name, spec in (("small.png", KVASIR), ("rough.jpg", KVASIR), ("ids.bmp", get_spec("GLaS"))):
+        assert read_mask(tmp_path / name, spec).any()
+    assert "does not look like a mask" not in capsys.readouterr().err
+
+
+def test_real_kvasir_masks_are_masks_and_its_images_are_not(kvasir_dir, capsys):
+    names = sorted(path.name for path in (kvasir_dir / "masks").iterdir())[::50]
+    for name in names:
+        read_mask(kvasir_dir / "masks" / name, KVASIR)
+    assert "does not look like a mask" not in capsys.readouterr().err
+    for name in names:
+        read_mask(kvasir_dir / "images" / name, KVASIR)
+    assert capsys.readouterr().err.count("does not look like a mask of kvasir") == len(names)
+
+
+def test_pixel_limit_switch(tmp_path, monkeypatch, capsys):
+    """COTEXNET_MAX_IMAGE_PIXELS is Pillow's decompression-bomb limit: above it one warning line
+    per file (however often the file is read), above twice it refused with the size; 0: none."""
+    Image.fromarray(_circle()).save(tmp_path / "m.png")  # 64x48 = 3072 pixels
+    for limit, said in (("2000", "above Pillow's decompression-bomb limit of 2,000"), ("3072", ""), ("0", "")):
+        monkeypatch.setenv("COTEXNET_MAX_IMAGE_PIXELS", limit)
+        for _ in range(3):
+            assert (read_mask(tmp_path / "m.png", KVASIR) == (_circle() > 0)).all()
+        lines = capsys.readouterr().err.splitlines()
+        assert len(lines) == (1 if said else 0) and said in "".join(lines), lines
+    monkeypatch.setenv("COTEXNET_MAX_IMAGE_PIXELS", "1000")
+    with pytest.raises(CoTexNetError, match=r"m.png: image too large: 64x48 = 3,072 pixels, more than twice "
+                                            r"Pillow's decompression-bomb limit of 1,000; .*=3072"):
+        read_image(tmp_path / "m.png")
+    monkeypatch.setenv("COTEXNET_MAX_IMAGE_PIXELS", "-5")
+    with pytest.raises(CoTexNetError, match=r"COTEXNET_MAX_IMAGE_PIXELS='-5': expected a whole number"):
+        read_image(tmp_path / "m.png")
+
+
+def test_a_faint_object_in_the_alpha_channel_is_said(tmp_path, capsys):
+    """White everywhere, the object drawn at 40% opacity: the alpha holds the object but never
+    reaches the threshold; read as empty, and the warning says so (not that the file disagrees)."""
+    faint = (_circle() > 0).astype(np.uint8) * 100
+    Image.fromarray(np.dstack([np.full(faint.shape, 255, np.uint8)] * 3 + [faint])).save(tmp_path / "faint.png")
+    assert not read_mask(tmp_path / "faint.png", KVASIR).any()
+    assert "faint.png: its colours show no object, its transparency does: mask read from the alpha channel (none " \
+           "at the threshold 128: largest 100, read as empty)" in capsys.readouterr().err
+    assert (read_mask(tmp_path / "faint.png", get_spec("QaTa-COV19")) == (faint > 0)).all()
