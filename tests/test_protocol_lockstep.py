@@ -35,6 +35,18 @@ from train_utils.optim import build_optimizer, build_scheduler
 EPOCHS, STEPS, BATCH, SIZE = 3, 3, 2, 64
 LR, WARMUP_LR = 1e-3, 3e-5
 pytestmark = pytest.mark.usefixtures("one_thread")  # steps of a tiny model (conftest.py)
+
+
+@pytest.fixture
+def float32_accelerator():
+    """A float32 Accelerator on a fresh accelerate state: the state is one per process, and an
+    in-process train.py (bf16 where the CPU has it) must neither leave its precision to these
+    tests nor find theirs."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield Accelerator(cpu=True, mixed_precision="no")
+    AcceleratorState._reset_state(reset_partial_state=True)
 # The KL (about 0.02 here) comes out of two float32 formulas that part by up to 3e-7; the total
 # carries ten times that.
 LOSS_TOLERANCE = dict(seg=1e-6, kl=1e-6, loss=1e-5)
@@ -130,19 +142,18 @@ class Recorder(torch.nn.Module):
         return losses
 
 
-def project_parts(model, cfg, loader):
+def project_parts(accelerator, model, cfg, loader):
     """As train.py builds them: optimiser, accelerate, then the schedule over the prepared loader."""
-    accelerator = Accelerator(cpu=True)
     optimizer = build_optimizer(model, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     scheduler = build_scheduler(optimizer, cfg, len(loader))
     t = cfg.TRAIN
     criterion = Recorder(CoTexNetLoss(cfg.DATASET.num_classes, t.seg_weight, t.kl_weight, t.loss_input), optimizer)
-    return accelerator, model, optimizer, scheduler, criterion
+    return model, optimizer, scheduler, criterion
 
 
-def project_training(model, cfg, loader, epochs=None):
-    accelerator, model, optimizer, scheduler, criterion = project_parts(model, cfg, loader)
+def project_training(accelerator, model, cfg, loader, epochs=None):
+    model, optimizer, scheduler, criterion = project_parts(accelerator, model, cfg, loader)
     per_epoch = [train_one_epoch(model, loader, criterion, optimizer, scheduler, accelerator, epoch, print_freq=1)
                  for epoch in range(1, (epochs or cfg.TRAIN.epochs) + 1)]
     return criterion.steps, per_epoch
@@ -152,7 +163,7 @@ def trained(model) -> dict:
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def assert_lockstep(clipseg_folder, warmup_epoch: int, **mutation) -> None:
+def assert_lockstep(accelerator, clipseg_folder, warmup_epoch: int, **mutation) -> None:
     """`mutation`: TRAIN keys set after the protocol (which would otherwise set them back)."""
     loader = batches()
     model = fresh_model(clipseg_folder)
@@ -160,7 +171,7 @@ def assert_lockstep(clipseg_folder, warmup_epoch: int, **mutation) -> None:
     cfg = paper_config(f"TRAIN.warmup_epoch={warmup_epoch}")
     for key, value in mutation.items():
         setattr(cfg.TRAIN, key, value)
-    ours, ours_epochs = project_training(model, cfg, loader)
+    ours, ours_epochs = project_training(accelerator, model, cfg, loader)
     paper, paper_epochs = paper_training(paper_model, loader, EPOCHS, LR, WARMUP_LR, warmup_epoch)
     assert len(ours) == len(paper) == EPOCHS * STEPS
     for step, (a, b) in enumerate(zip(ours, paper, strict=True), 1):
@@ -179,27 +190,28 @@ def assert_lockstep(clipseg_folder, warmup_epoch: int, **mutation) -> None:
 
 
 @pytest.mark.parametrize("warmup_epoch", [0, 1])
-def test_protocol_paper_trains_as_the_papers_step(clipseg_folder, warmup_epoch):
-    assert_lockstep(clipseg_folder, warmup_epoch)
+def test_protocol_paper_trains_as_the_papers_step(float32_accelerator, clipseg_folder, warmup_epoch):
+    assert_lockstep(float32_accelerator, clipseg_folder, warmup_epoch)
 
 
 @pytest.mark.parametrize("mutation, warmup_epoch, caught", [
     (dict(lr_schedule="warmup_cosine"), 1, "lr of step 4:"),  # the cosine restarted after the warm-up
     (dict(loss_input="logits"), 0, "seg loss of step 1"),  # logits into the loss
 ])
-def test_lockstep_catches_a_departure_from_the_paper(clipseg_folder, mutation, warmup_epoch, caught):
+def test_lockstep_catches_a_departure_from_the_paper(float32_accelerator, clipseg_folder, mutation, warmup_epoch,
+                                                     caught):
     with pytest.raises(AssertionError, match=caught):
-        assert_lockstep(clipseg_folder, warmup_epoch, **mutation)
+        assert_lockstep(float32_accelerator, clipseg_folder, warmup_epoch, **mutation)
 
 
-def test_epoch_loss_weighs_images_where_the_paper_weighs_steps(clipseg_folder):
+def test_epoch_loss_weighs_images_where_the_paper_weighs_steps(float32_accelerator, clipseg_folder):
     """A short last batch: the same step losses, but the epoch's mean counts each image once
     here, each step once in the paper's log (README, "What differs")."""
     loader = batches()
     loader[-1] = {key: value[:1] for key, value in loader[-1].items()}
     model = fresh_model(clipseg_folder)
     paper_steps, paper_epochs = paper_training(copy.deepcopy(model), loader, 1, LR, WARMUP_LR, 0)
-    ours_steps, ours_epochs = project_training(model, paper_config("TRAIN.epochs=1"), loader)
+    ours_steps, ours_epochs = project_training(float32_accelerator, model, paper_config("TRAIN.epochs=1"), loader)
     assert [s["seg"] for s in ours_steps] == pytest.approx([s["seg"] for s in paper_steps], abs=1e-6)
     sizes = [len(batch["label"]) for batch in loader]
     by_image = sum(step["seg"] * n for step, n in zip(ours_steps, sizes, strict=True)) / sum(sizes)
@@ -228,14 +240,15 @@ def test_paper_schedule_never_reaches_lr_after_a_warmup():
 
 
 @pytest.mark.parametrize("lr_schedule", ["paper", "warmup_cosine"])
-def test_resume_continues_the_schedule_exactly(clipseg_folder, tmp_path, lr_schedule):
+def test_resume_continues_the_schedule_exactly(float32_accelerator, clipseg_folder, tmp_path, lr_schedule):
     """Two epochs, save_last, a fresh process's objects restored by run_state.resume, the third
     epoch: every step's lr, the losses and the weights are those of an uninterrupted run."""
     loader = batches()
     cfg = paper_config("TRAIN.warmup_epoch=1", f"TRAIN.lr_schedule={lr_schedule}")
-    straight, _ = project_training(fresh_model(clipseg_folder), cfg, loader)
+    accelerator = float32_accelerator
+    straight, _ = project_training(accelerator, fresh_model(clipseg_folder), cfg, loader)
 
-    accelerator, model, optimizer, scheduler, criterion = project_parts(fresh_model(clipseg_folder), cfg, loader)
+    model, optimizer, scheduler, criterion = project_parts(accelerator, fresh_model(clipseg_folder), cfg, loader)
     for epoch in (1, 2):
         train_one_epoch(model, loader, criterion, optimizer, scheduler, accelerator, epoch, print_freq=1)
     run = tmp_path / "run"
@@ -243,8 +256,8 @@ def test_resume_continues_the_schedule_exactly(clipseg_folder, tmp_path, lr_sche
                         torch.Generator())
 
     torch.manual_seed(123)  # the resumed process's model starts elsewhere: last/ must bring it back
-    accelerator, model, optimizer, scheduler, criterion = project_parts(CoTexNet.from_clipseg(clipseg_folder), cfg,
-                                                                        loader)
+    model, optimizer, scheduler, criterion = project_parts(accelerator, CoTexNet.from_clipseg(clipseg_folder), cfg,
+                                                           loader)
     training = Training(cfg, run, accelerator, model, criterion, optimizer, scheduler, loader, [], torch.Generator())
     assert run_state.resume(training) == 2
     train_one_epoch(model, loader, criterion, optimizer, scheduler, accelerator, 3, print_freq=1)
