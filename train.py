@@ -109,9 +109,11 @@ def main(argv: list[str] | None = None) -> None:
     criterion = CoTexNetLoss(cfg.DATASET.num_classes, cfg.TRAIN.seg_weight, cfg.TRAIN.kl_weight,
                              cfg.TRAIN.loss_input)
     optimizer = build_optimizer(model, cfg)
+    model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
+        model, optimizer, train_loader, val_loader, test_loader)
+    # After prepare: the optimiser steps of one process per epoch. Not prepared: accelerate would
+    # step it once per process at every optimiser step.
     scheduler = build_scheduler(optimizer, cfg, len(train_loader))
-    model, optimizer, train_loader, val_loader, test_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, val_loader, test_loader, scheduler)
     training = Training(cfg, run, accelerator, model, criterion, optimizer, scheduler, train_loader, val_loader,
                         generator, names)
     start_epoch = run_state.resume(training) if args.resume else 0

@@ -40,6 +40,7 @@ from pathlib import Path, PurePosixPath
 
 import cv2
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from common.errors import CoTexNetError
@@ -67,9 +68,11 @@ class Op:
             return cv2.flip(array, 0)
         h, w = array.shape[:2]
         s = self.factor  # x' = s (x - c) + c about the centre c of the pixel grid
+        if nearest:  # labels: the same map by PIL's NEAREST (cv2 breaks exact ties, centres on a pixel edge, otherwise)
+            inverse = (1 / s, 0, (1 - 1 / s) * w / 2, 0, 1 / s, (1 - 1 / s) * h / 2)  # output -> input, pixel-edge coordinates
+            return np.array(Image.fromarray(array).transform((w, h), Image.Transform.AFFINE, inverse, Image.Resampling.NEAREST))
         matrix = np.float32([[s, 0, (1 - s) * (w - 1) / 2], [0, s, (1 - s) * (h - 1) / 2]])
-        return cv2.warpAffine(array, matrix, (w, h), flags=cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR,
-                              borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        return cv2.warpAffine(array, matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
 
 def parse_ops(text: str) -> list[Op]:

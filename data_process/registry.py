@@ -364,7 +364,8 @@ def _resize(label: np.ndarray, size, path) -> np.ndarray:
     if abs(mw * h - mh * w) > (h + w) / 2 or min(mw, mh) < MIN_MASK_SIDE:
         raise CoTexNetError(f"{path}: mask of {mw}x{mh} pixels for an image of {w}x{h}: not the image at another "
                             "scale (width and height swapped, or a placeholder?); give the mask its image's size")
-    return cv2.resize(label, tuple(size), interpolation=cv2.INTER_NEAREST)
+    # Pixel centres, as PIL's NEAREST samples them; INTER_NEAREST samples corners (half a pixel off).
+    return cv2.resize(label, tuple(size), interpolation=cv2.INTER_NEAREST_EXACT)
 
 
 def category_folders(masks_dir, spec: DatasetSpec) -> list[Path] | None:

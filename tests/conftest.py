@@ -60,3 +60,14 @@ def kvasir_dir() -> Path:
     if not (path / "images").is_dir():
         pytest.skip(f"real Kvasir-SEG not found at {path} (only on the project's machines)")
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: small tensors on shared cores, where a second thread only waits."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

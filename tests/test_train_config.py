@@ -92,10 +92,10 @@ def test_schedule_warms_up_then_decays_to_zero():
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.TRAIN.lr)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=5)
     lrs = []
-    for _ in range(50):
+    for step in range(1, 51):
         lrs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
-        scheduler.step()
+        scheduler.step_update(step)  # after the step-th optimiser step, as train_one_epoch does
     assert lrs[0] == pytest.approx(1e-4)
     assert max(lrs) == pytest.approx(1e-3) and lrs.index(max(lrs)) == 10  # end of warm-up
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))  # then only down

@@ -55,6 +55,7 @@ class TrainConfig:
     lr: float = 3e-4
     warmup_lr: float = 3e-5
     warmup_epoch: int = 0
+    lr_schedule: str = "warmup_cosine"  # after a warm-up: warmup_cosine, reach lr then a cosine | paper (train_utils/optim.py)
     weight_decay: float = 1e-4
     patience: int = 50  # counted only after the first fifth of the epochs
     print_freq: int = 10  # iterations between progress-bar loss updates
@@ -177,6 +178,7 @@ def _validate(config: Config) -> None:
          "paper_dice is defined for binary datasets only (DATASET.num_classes 2)"),
         ("TRAIN.early_stopping", t.early_stopping in ("best", "paper"), "must be best or paper"),
         ("TRAIN.loss_input", t.loss_input in ("logits", "paper_probabilities"), "must be logits or paper_probabilities"),
+        ("TRAIN.lr_schedule", t.lr_schedule in ("warmup_cosine", "paper"), "must be warmup_cosine or paper"),
         ("TRAIN.loss_input", t.loss_input == "logits" or d.num_classes == 2,
          "paper_probabilities is for binary datasets only (DATASET.num_classes 2)"),
         ("TRAIN.device", t.device in ("auto", "cpu", "cuda"), "must be auto, cpu or cuda"),
@@ -215,6 +217,7 @@ PAPER_PROTOCOL = {
     "TRAIN.select_metric": "paper_dice",
     "TRAIN.early_stopping": "paper",
     "TRAIN.loss_input": "paper_probabilities",
+    "TRAIN.lr_schedule": "paper",
     "TRAIN.global_batch": True,
     "DATASET.binarize": "paper",
 }

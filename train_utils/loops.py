@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from timm.scheduler.cosine_lr import CosineLRScheduler
 from tqdm.auto import tqdm
 
 from common.errors import CoTexNetError
@@ -46,8 +47,9 @@ class Outcome(enum.Enum):
 
 @dataclass
 class Training:
-    """What `fit` trains with (model, optimizer, scheduler and loaders prepared by the accelerator),
-    plus the early-stopping rule and the epoch log, which `run_state.resume` restores."""
+    """What `fit` trains with (model, optimizer and loaders prepared by the accelerator; the
+    schedule, timm's, over the prepared training loader), plus the early-stopping rule and the
+    epoch log, which `run_state.resume` restores."""
 
     cfg: Config
     run: Path
@@ -55,7 +57,7 @@ class Training:
     model: torch.nn.Module
     criterion: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: object
+    scheduler: CosineLRScheduler  # train_utils.optim.build_scheduler
     train_loader: object
     val_loader: object
     generator: torch.Generator  # the training loader's shuffle
@@ -83,7 +85,8 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, accelerator:
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(losses["loss"])
         optimizer.step()
-        scheduler.step()
+        # The run's count of optimiser steps: the paper's epoch * len(loader) + i (its epoch 0-based, i 1-based).
+        scheduler.step_update((epoch - 1) * len(loader) + step + 1)
         n = len(batch["label"])
         sums += torch.stack([losses["loss"].detach() * n, losses["seg"].detach() * n, losses["kl"].detach() * n,
                              torch.tensor(n, device=sums.device, dtype=sums.dtype)])

@@ -115,11 +115,12 @@ def run_config(run: str | Path, checkpoint: str | None = None) -> Config:
     return load_config(run / "config.yaml")
 
 
-def _schedule_lengths(state: dict) -> tuple:
-    """The step counts a scheduler's state was built for (milestones, warm-up and cosine lengths)."""
-    if "_schedulers" in state:  # SequentialLR: warm-up then cosine
-        return (*state["_milestones"], *(n for part in state["_schedulers"] for n in _schedule_lengths(part)))
-    return tuple(state[key] for key in ("total_iters", "T_max") if key in state)
+def _schedule_steps(state: dict, run: Path) -> int:
+    """The optimiser steps a saved schedule (timm's CosineLRScheduler) spans, its warm-up included."""
+    if "t_initial" not in state:
+        raise CoTexNetError(f"--resume {run}: its last/ holds the learning-rate schedule of an earlier train.py (a torch "
+                            "scheduler), which this version cannot continue: start a new run, or resume with that version")
+    return state["t_initial"] + (state["warmup_t"] if state["warmup_prefix"] else 0)
 
 
 def resume(training: Training) -> int:
@@ -133,10 +134,10 @@ def resume(training: Training) -> int:
             print(f"{run}: no last/ checkpoint (stopped during its first epoch): starting over from "
                   "epoch 1 with its config.yaml")
         return 0
-    built_for, now = _schedule_lengths(state["scheduler"]), _schedule_lengths(training.scheduler.state_dict())
+    built_for, now = _schedule_steps(state["scheduler"], run), _schedule_steps(training.scheduler.state_dict(), run)
     if built_for != now:
-        raise CoTexNetError(f"--resume {run}: its learning-rate schedule was built for {built_for[-1]} steps, the "
-                            f"training split now gives {now[-1]} ({len(training.train_loader)} per epoch); the split "
+        raise CoTexNetError(f"--resume {run}: its learning-rate schedule was built for {built_for} steps, the "
+                            f"training split now gives {now} ({len(training.train_loader)} per epoch); the split "
                             "changed since the run started, so the schedule would not end where it should: start a "
                             "new run (or restore the split)")
     load_weights_into(accelerator.unwrap_model(training.model), run / "last")
