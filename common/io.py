@@ -356,6 +356,10 @@ def folder_replaced(target: OutputFolder, marker: str) -> Iterator[OutputFolder]
     writes): another folder is never replaced. Commands writing one target take turns."""
     folder = target.folder
     target.check_holds_no_input()
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CoTexNetError(f"{target.label}{folder}: cannot write here ({err.strerror})") from err
     with taking_turns(folder.parent, folder.name, create=True):
         if folder.exists() and not (folder.is_dir() and (not any(folder.iterdir()) or (folder / marker).is_file())):
             raise CoTexNetError(f"{target.label}{folder}: exists and is not an output of this command (no {marker}); "
@@ -394,3 +398,26 @@ def create_exclusive(path: str | os.PathLike, data: bytes) -> bool:
         raise CoTexNetError(f"{path}: could not be written ({err.strerror})") from err
     finally:
         os.unlink(tmp)
+
+
+def claim_folder(folder: str | os.PathLike, file: str, data: bytes, next_free: bool) -> Path:
+    """Make `folder` this command's by creating `folder/file` exclusively (`create_exclusive`).
+    Taken by another command (even one started at the same instant): with `next_free`, the first
+    free `<folder>-2`, `-3`, ... (a folder new to this command, never one that is there); without,
+    a one-line error."""
+    folder = Path(folder)
+    candidate, n = folder, 1
+    while True:
+        try:
+            candidate.parent.mkdir(parents=True, exist_ok=True)
+            candidate.mkdir(exist_ok=not next_free)
+            if create_exclusive(candidate / file, data):
+                return candidate
+        except FileExistsError:
+            pass
+        except OSError as err:
+            raise CoTexNetError(f"{candidate}: cannot write here ({err.strerror})") from err
+        if not next_free:
+            raise CoTexNetError(f"{folder}: taken by another run started at the same time; choose another name")
+        n += 1
+        candidate = folder.with_name(f"{folder.name}-{n}")

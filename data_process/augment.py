@@ -45,7 +45,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from common.errors import CoTexNetError
-from common.io import create_exclusive, leftovers, stop_point, write_image
+from common.io import OutputFolder, create_exclusive, leftovers, stop_point, write_image
 from data_process import layout, splits
 from data_process.layout import AUGMENTED_COLUMNS
 from data_process.registry import DatasetSpec, category_files, category_masks, read_image, read_mask
@@ -108,14 +108,13 @@ def mask_files(dataset_dir: Path, mask: str, spec: DatasetSpec) -> list[Path]:
     return category_files(path, spec) if spec.mask_layout == "per_category" else [path]
 
 
-def copy_files(dataset_dir: Path, copy: dict, spec: DatasetSpec) -> list[Path]:
-    """The image and mask file(s) of a copy in the copies folder, masks in the category folders
+def copy_files(dataset_dir: Path, folder: OutputFolder, copy: dict, spec: DatasetSpec) -> list[Path]:
+    """The image and mask file(s) of a copy in the copies `folder`, masks in the category folders
     of their origin's."""
-    folder, sources = layout.augmented_dir(dataset_dir), mask_files(dataset_dir, copy["origin_mask"], spec)
     depth = len(PurePosixPath(copy["origin_mask"]).parts)
-    return [folder / "images" / copy["img_name"],
-            *(folder / "masks" / source.relative_to(dataset_dir / "masks").parents[depth - 1] / copy["mask_name"]
-              for source in sources)]
+    masks = (PurePosixPath(source.relative_to(dataset_dir / "masks").parents[depth - 1].as_posix(), copy["mask_name"])
+             for source in mask_files(dataset_dir, copy["origin_mask"], spec))
+    return [folder.path(f"images/{copy['img_name']}"), *(folder.path(f"masks/{mask}") for mask in masks)]
 
 
 # ---------------------------------------------------------------- the copies' folder
@@ -202,8 +201,10 @@ def plan(dataset_dir, spec: DatasetSpec, split_dir, ops: list[Op], allow_overlap
             raise CoTexNetError(f"{dataset_dir / 'images' / originals[layout.stem(copy['img_name'])]}: an original "
                                 f"image named like the {copy['op']} copy of {copy['origin']}; rename it; nothing written")
     files, write = {}, {}
+    # never in the dataset's images/ or masks/, even through a symlink
+    output = OutputFolder(folder, input_folders=[dataset_dir / "images", dataset_dir / "masks"])
     for image, copy in rows.items():
-        files[image] = copy_files(dataset_dir, dict(copy, origin_mask=train[copy["origin"]]), spec)
+        files[image] = copy_files(dataset_dir, output, dict(copy, origin_mask=train[copy["origin"]]), spec)
         if not all(path.exists() for path in files[image]):
             write.setdefault(copy["origin"], (train[copy["origin"]], []))[1].append((copy["op"], files[image]))
     for origin, (mask, _) in write.items():  # a missing source would stop the run half-way

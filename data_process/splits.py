@@ -141,12 +141,13 @@ class DatasetSplits:
         fix = f"fix the split files (data_process/make_splits.py), or {switch} if you mean it"
         if twice:
             image, first, second = sorted(twice)[0]
+            count = f"{len(twice)} image{'s' if len(twice) > 1 else ''} in two splits"
             raise CoTexNetError(f"{self.paths[second]}: image {image!r} of {self.name} is also in {self.paths[first]} "
-                                f"({len(twice)} images are in two splits); an image belongs to one split: {fix}")
+                                f"({count}); an image belongs to one split: {fix}")
         if leaks:
             copy, origin, split = sorted(leaks)[0]
             raise CoTexNetError(f"{self.paths['augmented']}: {copy!r} is a training copy of {origin!r}, which is in "
-                                f"{self.paths[split]} ({len(leaks)} such copies); rerun data_process/augment_data.py "
+                                f"{self.paths[split]} ({len(leaks)} such cop{'ies' if len(leaks) > 1 else 'y'}); rerun data_process/augment_data.py "
                                 f"(it copies train images only), or {switch} if you mean it")
 
 
