@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from common.errors import CoTexNetError
+from common.errors import CoTexNetError, die_with_parent
 from common.io import OutputFolder, create_exclusive, leftovers, stop_point, write_image
 from data_process import layout, splits
 from data_process.layout import AUGMENTED_COLUMNS
@@ -265,7 +265,7 @@ def run(plan: Plan, workers: int = 1) -> int:
             for origin, (mask, outputs) in plan.write.items()]
     empties = 0
     cv2.setNumThreads(1)  # parallelism comes from the processes
-    pool = ProcessPoolExecutor(workers) if workers > 1 and len(jobs) > 1 else None
+    pool = ProcessPoolExecutor(workers, initializer=die_with_parent) if workers > 1 and len(jobs) > 1 else None
     try:
         with tqdm(total=sum(len(job[3]) for job in jobs), desc=f"augment {spec.name}", unit="copy") as bar:
             for job, empty in zip(jobs, pool.map(make_copies, jobs, chunksize=2) if pool else map(make_copies, jobs),

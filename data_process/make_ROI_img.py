@@ -26,7 +26,7 @@ from pathlib import Path
 import cv2
 from tqdm import tqdm
 
-from common.errors import CoTexNetError, run_cli
+from common.errors import CoTexNetError, die_with_parent, run_cli
 from common.io import OutputFolder, remove_stale_temporaries, write_image
 from data_process import layout
 from data_process.registry import DatasetSpec, category_masks, get_spec, known_datasets, pair_files, read_image
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         remove_stale_temporaries(folder / "ROIs")  # of a run that was killed mid-write
 
     cv2.setNumThreads(1)  # parallelism comes from the processes
-    pool = ProcessPoolExecutor(args.workers) if args.workers > 1 and len(jobs) > 1 else None
+    pool = ProcessPoolExecutor(args.workers, initializer=die_with_parent) if args.workers > 1 and len(jobs) > 1 else None
     empties = []
     try:
         # closed before an error propagates, so that the error stays the last line

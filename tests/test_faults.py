@@ -173,13 +173,14 @@ def test_train_killed_inside_save_last_resumes_from_the_newest_whole_epoch(train
     first = train("--config", config, COTEXNET_KILL_AT="save_last:written")
     assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]
     assert not (run / "last").exists() and (run / ".last.tmp" / "training_state.pt").is_file()
+    assert list(pd.read_csv(run / "log.csv")["epoch"]) == [1]
     second = train("--resume", run, COTEXNET_KILL_AT="save_last:moved")
     assert second.returncode == -signal.SIGKILL, second.stderr[-2000:]
-    assert "epoch 2/3" in second.stdout and "epoch 1/3" not in second.stdout  # epoch 1 was not trained again
+    assert list(pd.read_csv(run / "log.csv")["epoch"]) == [1, 2]  # epoch 1 was not trained again
     assert not (run / "last").exists() and {p.name for p in run.glob(".last.*")} == {".last.tmp", ".last.old"}
     third = train("--resume", run)
     assert third.returncode == 0, third.stderr[-2000:]
-    assert "epoch 3/3" in third.stdout and "epoch 2/3" not in third.stdout
+    assert "epoch 3/3" in third.stdout and "epoch 2/3" not in third.stdout  # from the newest whole epoch, 2
     assert list(pd.read_csv(run / "log.csv")["epoch"]) == [1, 2, 3] and not list(run.glob(".last.*"))
 
 
@@ -199,16 +200,23 @@ def test_trainings_started_together_with_default_names_get_a_folder_each(train_s
 
 @pytest.fixture(scope="module")
 def untrained_run(train_setup, tmp_path_factory):  # noqa: F811
-    """A run folder with an untrained best/ checkpoint of the tiny model, on the training setup's splits."""
+    """A run folder with an untrained best/ checkpoint of the tiny model, and a test split of 18
+    synthetic images: enough batches of 2 to be stopped among."""
+    from data_process.make_synthetic import make_synthetic
     from model.checkpoint import save_checkpoint
     from model.CoTexNet import CoTexNet
 
-    run = tmp_path_factory.mktemp("eval") / "run"
+    top = tmp_path_factory.mktemp("eval")
+    names = sorted(p.name for p in (make_synthetic(top / "data", count=22, seed=5) / "images").iterdir())
+    for split, chunk in (("train", names[:2]), ("val", names[2:4]), ("test", names[4:])):
+        pd.DataFrame(dict(dataset="synthetic", img_name=chunk, mask_name=chunk)).to_csv(top / f"{split}_data.csv",
+                                                                                      index=False)
     cfg = yaml.safe_load(train_setup["config"].read_text())
-    cfg["TRAIN"].update(input_size=32, amp=False, device="cpu", cpu_threads=1, num_workers=0)
-    save_checkpoint(CoTexNet.from_clipseg(cfg["MODEL"]["clipseg_hf_api"]), run / "best", {"epoch": 1})
-    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
-    return run
+    cfg["DATASET"].update(root_dir=str(top / "data"), split_dir=str(top))
+    cfg["TRAIN"].update(input_size=32, batch_size=2, amp=False, device="cpu", cpu_threads=1, num_workers=0)
+    save_checkpoint(CoTexNet.from_clipseg(cfg["MODEL"]["clipseg_hf_api"]), top / "run" / "best", {"epoch": 1})
+    (top / "run" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return top / "run"
 
 
 def evaluate(run, **extra) -> subprocess.Popen:
@@ -227,18 +235,19 @@ def an_earlier_evaluation(out) -> dict:
 def a_whole_new_evaluation(out) -> bool:
     metrics = json.loads((out / "metrics.json").read_text())
     masks = sorted(p.name for p in (out / "masks").iterdir())
-    return metrics.get("images") == 2 and masks == ["syn_0010.png", "syn_0011.png"] and \
-        len(pd.read_csv(out / "per_image.csv")) == 2
+    return metrics.get("images") == 18 and len(masks) == 18 and len(pd.read_csv(out / "per_image.csv")) == 18
 
 
 def test_evaluate_stopped_anywhere_leaves_the_earlier_evaluation_or_the_new(untrained_run):
     out = untrained_run / "eval_test"
     for stop, new in (("eval_test:staged", False), ("eval_test:replaced", True), ("SIGTERM", False)):
         earlier = an_earlier_evaluation(out)
+        left = set(untrained_run.glob(".eval_test.*.tmp"))  # by the kill after the swap: removed by the next run
         proc = evaluate(untrained_run, **({"COTEXNET_KILL_AT": stop} if stop != "SIGTERM" else {}))
         if stop == "SIGTERM":  # once it writes its outputs
             deadline = time.monotonic() + 300
-            while not list(untrained_run.glob(".eval_test.*.tmp/masks/*.png")) and proc.poll() is None:
+            while not [p for p in untrained_run.glob(".eval_test.*.tmp/masks/*.png") if p.parents[1] not in left] \
+                    and proc.poll() is None:
                 assert time.monotonic() < deadline
                 time.sleep(0.005)
             proc.send_signal(signal.SIGTERM)
@@ -249,7 +258,7 @@ def test_evaluate_stopped_anywhere_leaves_the_earlier_evaluation_or_the_new(untr
         else:
             assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == earlier, stop
         if stop == "SIGTERM":
-            assert not list(untrained_run.glob(".eval_test.*"))  # its hidden folder went with it
+            assert not list(untrained_run.glob(".eval_test.*.tmp"))  # its hidden folder went with it
     rerun = evaluate(untrained_run)
     _, err = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, err[-2000:]
