@@ -303,6 +303,8 @@ def undo(dataset_dir, spec: DatasetSpec, split_dir, dry_run: bool = False) -> tu
         rest = None if table is None else table[~table["dataset"].isin(names)]
         splits.write(split_dir, {"augmented": rest if rest is not None and len(rest) else None,
                                  **({"train": now.tables["train"].drop(earlier[0])} if len(earlier[0]) else {})})
+    for sub in ("images", "masks", "ROIs"):  # images/ first: a folder without it is no copies folder to stage 1
+        shutil.rmtree(folder / sub, ignore_errors=True)
     shutil.rmtree(folder, ignore_errors=True)
     for path in earlier[1]:
         path.unlink(missing_ok=True)

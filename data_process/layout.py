@@ -81,10 +81,12 @@ def augmented_dir(dataset_folder: str | Path) -> Path:
 
 
 def data_folders(dataset_folder: str | Path) -> list[Path]:
-    """The dataset folder, then its copies folder if augment_data.py made one: the folders whose
-    images/ and masks/ stage 1 and stage 2 read (each writes its ROIs/)."""
+    """The dataset folder, then its copies folder if augment_data.py made one (and `--undo` has not
+    begun removing it): the folders whose images/ and masks/ stage 1 and stage 2 read (each writes
+    its ROIs/)."""
     copies = augmented_dir(dataset_folder)
-    return [Path(dataset_folder), *([copies] if (copies / AUGMENTED_RECORD).is_file() else [])]
+    made = (copies / AUGMENTED_RECORD).is_file() and (copies / "images").is_dir()
+    return [Path(dataset_folder), *([copies] if made else [])]
 
 
 def augmented_stem(image_stem: str, tag: str) -> str:

@@ -449,6 +449,9 @@ def test_runs_started_together_take_turns_and_list_every_copy_once(synthetic_roo
                              text=True) for op in ops]
     results = [run.communicate(timeout=600) for run in runs]
     assert all(run.returncode == 0 for run in runs), [err for _, err in results]
+    listed = [name for kind in ("train", "augmented") if layout.split_csv(splits, kind).exists()
+              for name in pd.read_csv(layout.split_csv(splits, kind), dtype=str)["img_name"] if "_aug-" in name]
+    assert len(listed) == len(set(listed)) == 8 * 4  # every copy of every op, once, wherever it is listed
     rows = rows_name_whole_files(dataset, splits)
     assert len(rows) == 8 * 4 and rows["img_name"].is_unique  # every copy of every op, once
     assert sorted(rows["op"].value_counts().items()) == [("hflip", 8), ("scale0.75", 8), ("scale1.25", 8), ("vflip", 8)]

@@ -132,8 +132,24 @@ def published(folder: Path) -> dict:
             if table is not None and kind != "augmented"}
 
 
-@pytest.mark.parametrize("stop", ["SIGKILL at split_files:staged", "SIGKILL at split_files:replacing val_data.csv",
-                                  "SIGKILL at split_files:replacing test_data.csv", "SIGTERM at once",
+# `python -c KILL_AT_RENAME script.py args`: the script, killed (SIGKILL) as it is about to make its
+# n-th rename (os.replace): between any two writes of the set, whichever way the script writes it.
+KILL_AT_RENAME = """
+import os, runpy, signal, sys
+real, calls = os.replace, []
+def replace(*args, **kwargs):
+    calls.append(args)
+    if len(calls) == int(os.environ["KILL_AT_RENAME"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+os.replace = replace
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("stop", ["SIGKILL at rename 1", "SIGKILL at rename 2", "SIGKILL at rename 3",
+                                  "SIGKILL at rename 4", "SIGKILL at split_files:staged", "SIGTERM at once",
                                   "SIGTERM after 0.5 s", "SIGTERM after 1 s", "SIGTERM after 2 s"])
 def test_stopped_anywhere_it_leaves_the_old_set_or_the_new(synthetic_root, tmp_path, stop):
     dataset = kvasir_like(synthetic_root, tmp_path)
@@ -143,16 +159,15 @@ def test_stopped_anywhere_it_leaves_the_old_set_or_the_new(synthetic_root, tmp_p
     assert run_splits(*args, "--seed", "2", "--out-dir", tmp_path / "new").returncode == 0
     new = published(tmp_path / "new")
     assert old != new
-    signal_name, _, when = stop.partition(" at ") if " at " in stop else (stop.split()[0], "", "")
-    env = dict(os.environ, COTEXNET_KILL_AT=when) if signal_name == "SIGKILL" else dict(os.environ)
-    run = subprocess.Popen([sys.executable, SCRIPT, *map(str, args), "--seed", "2"], env=env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if signal_name == "SIGTERM":
+    command, env = [sys.executable, SCRIPT, *map(str, args), "--seed", "2"], dict(os.environ)
+    if "rename" in stop:
+        command, env = [sys.executable, "-c", KILL_AT_RENAME, *map(str, command[1:])], dict(env, KILL_AT_RENAME=stop[-1])
+    elif stop.startswith("SIGKILL at "):
+        env["COTEXNET_KILL_AT"] = stop.removeprefix("SIGKILL at ")
+    run = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if stop.startswith("SIGTERM"):
         time.sleep(float(stop.split()[2]) if "after" in stop else 0)
         run.send_signal(signal.SIGTERM)
     _, err = run.communicate(timeout=120)
-    assert run.returncode in ((-signal.SIGKILL,) if signal_name == "SIGKILL" else (0, 130, -signal.SIGTERM)), err
+    assert run.returncode in ((-signal.SIGKILL,) if "SIGKILL" in stop else (0, 130, -signal.SIGTERM)), err
     assert published(tmp_path / "splits") in (old, new), stop
-    if "replacing" in stop:  # killed after its commit point: the set is the new one
-        assert published(tmp_path / "splits") == new
-    assert [p.name for p in (tmp_path / "splits").glob(".*")] == [".split_files.lock"]  # the reader cleaned up
