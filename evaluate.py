@@ -18,18 +18,21 @@ with the geometry describer on the TRUE mask, beside chance and the majority rat
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 from pathlib import Path
 
 import torch
+from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
 from common.errors import CoTexNetError, run_cli
-from common.io import write_json
+from common.io import OutputFolder, folder_replaced, write_json
 from data_process import layout
 from data_process.layout import SPLITS
 from data_process.registry import get_spec, read_image, read_mask
+from data_process.splits import KINDS
 from model.concept_readout import CSV_COLUMNS, agreement, predicted_foreground, readout, write_csv
 from train_utils import data, reporting
 from train_utils.config import PROTOCOLS, apply_protocol
@@ -61,8 +64,10 @@ def parse_args(argv):
     parser.add_argument("--split-dir", help="folder of the split CSVs (default: the run's DATASET.split_dir)")
     parser.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint (default: best)")
     parser.add_argument("--clipseg", help="CLIPSeg base folder or hub id, if not the one the run recorded")
-    parser.add_argument("--out", help="output folder (default: RUN/eval_<split>, another dataset: "
-                        "RUN/eval_<dataset>_<split>)")
+    parser.add_argument("--out", help="output folder, replaced as a whole (default: RUN/eval_<split>, another "
+                        "dataset: RUN/eval_<dataset>_<split>)")
+    parser.add_argument("--allow-split-overlap", action="store_true", help="evaluate even if an image is in two "
+                        "splits (a benchmark whose val and test are the same files); default: the run's setting")
     parser.add_argument("--protocol", choices=PROTOCOLS,
                         help="read the truth masks as this protocol does (paper: DATASET.binarize paper); "
                              "default: as the run was trained")
@@ -89,9 +94,23 @@ def target(cfg, args):
                                 f"predicts {d.num_classes}; evaluate it with a run trained for its classes")
     keyword = d.keyword if name in own else None  # the run's keyword may stand for its own dataset only
     d = dataclasses.replace(d, dataset_name=name, text_csv="", keyword=keyword, root_dir=args.root or d.root_dir,
-                            split_dir=args.split_dir or d.split_dir)
+                            split_dir=args.split_dir or d.split_dir, augmented=False,
+                            allow_split_overlap=d.allow_split_overlap or args.allow_split_overlap)
     folder = f"eval_{args.split}" if own == [name] else f"eval_{name}_{args.split}"
     return dataclasses.replace(cfg, DATASET=d), folder
+
+
+@contextlib.contextmanager
+def staged_output(target: OutputFolder, accelerator):
+    """The output folder as a whole: every process writes into one hidden folder, which then
+    replaces `target` in one step (the old evaluation, or the new one, never a mix)."""
+    with contextlib.ExitStack() as stack:
+        where = [str(stack.enter_context(folder_replaced(target, "metrics.json")).folder)
+                 if accelerator.is_main_process else None]
+        if accelerator.num_processes > 1:
+            broadcast_object_list(where)
+        yield OutputFolder(where[0])
+        accelerator.wait_for_everyone()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -100,84 +119,93 @@ def main(argv: list[str] | None = None) -> None:
     if args.protocol:
         cfg = apply_protocol(cfg, args.protocol)
     cfg, folder_name = target(cfg, args)
-    out = Path(args.out or Path(args.run) / folder_name)
     accelerator = make_accelerator(cfg)
     apply_precision(model, accelerator, cfg.TRAIN.compile)
     split = data.dataset(cfg, args.split)
     masks_of = dict(split.rows)  # image name -> mask name
     layout.check_unique_stems([image for image, _ in split.rows], f"{args.split} split of {cfg.DATASET.dataset_name}")
     folder, spec, k = split.folder, data.spec(cfg), cfg.DATASET.num_classes
+    # Never an input, whatever the paths: the images and masks, the split files, the run's config and checkpoint.
+    run = Path(args.run)
+    target_folder = OutputFolder(args.out or run / folder_name, "--out",
+                                 [folder / "images", folder / "masks", run / args.checkpoint],
+                                 [run / "config.yaml", *(layout.split_csv(cfg.DATASET.split_dir, s) for s in KINDS)])
     names = class_names(k, spec.categories)
     model = model.to(accelerator.device)
     loader = accelerator.prepare(data.readable_loader(cfg, split, num_processes=accelerator.num_processes))
     tokenizer = load_tokenizer(args.clipseg or cfg.MODEL.clipseg_hf_api) if args.describe else None
 
-    rows, concepts, unreadable, overlays, paper_batches = [], [], [], 0, []
-    batches = tqdm(loader, desc=f"evaluate {args.split}", disable=not accelerator.is_main_process)
-    for batch, preds, logits in predict_batches(model, batches, accelerator):
-        # Every process gathers every batch, even one of unreadable images only: a process that
-        # skipped a gather would leave the others waiting in it.
-        unreadable += accelerator.gather_for_metrics(batch["errors"], use_gather_object=True)
-        batch_rows, stats = [], []
-        for name, pred, full in zip(batch["name"], preds, logits, strict=True):
-            h, w = pred.shape
-            truth = torch.from_numpy(read_mask(folder / "masks" / masks_of[name], spec, size=(w, h),
-                                               binarize=cfg.DATASET.binarize))
-            batch_rows.append(dict(name=name, **image_metrics(pred[None], truth[None], k, names)[0]))
-            if k == 2:  # the paper's figures, from this image's probabilities at its size
-                stats.append(paper_image_stats(torch.sigmoid(full), truth[None])[0])
-                batch_rows[-1]["paper_dice"] = paper_image_dice(stats[-1])
-            stem = layout.stem(name)  # with its sub-folder: sub/a.jpg and other/a.jpg write apart
-            reporting.write_mask(out / "masks" / f"{stem}.png", pred.numpy(), k)
-            if accelerator.is_main_process and overlays < args.overlays:
-                image = read_image(folder / "images" / name)
-                reporting.write_overlay(out / "overlays" / f"{stem}.png", image, truth.numpy(), pred.numpy())
-                overlays += 1
-        gathered = accelerator.gather_for_metrics(list(zip(batch_rows, stats or [None] * len(batch_rows), strict=True)),
-                                                  use_gather_object=True)
-        rows += [row for row, _ in gathered]
-        if k == 2 and any(stat for _, stat in gathered):
-            paper_batches.append(paper_batch([stat for _, stat in gathered if stat]))
-        if args.describe:
-            found = []
-            if batch["name"]:  # the model's own prediction at its input size; the true mask is not read
-                pixels = batch["pixel_values"].to(accelerator.device)
-                found = readout(model, tokenizer, pixels, predicted_foreground(model, pixels), spec.keyword,
-                                batch_size=len(pixels), progress=False)
-            concepts += accelerator.gather_for_metrics([dict(name=name, **{key: f[key] for key in CSV_COLUMNS[1:]})
-                                                        for name, f in zip(batch["name"], found, strict=True)],
-                                                       use_gather_object=True)
-    # Unreadable images leave the batches uneven, so accelerate's trimming of the samples it
-    # repeated to even out the last batch can miss one: each image counts once, by name.
-    rows = list({row["name"]: row for row in rows}.values())
-    concepts = list({row["name"]: row for row in concepts}.values())
-    unreadable = list(dict.fromkeys(unreadable))
+    with staged_output(target_folder, accelerator) as out:
+        rows, concepts, unreadable, overlays, paper_batches = [], [], [], 0, []
+        batches = tqdm(loader, desc=f"evaluate {args.split}", disable=not accelerator.is_main_process)
+        for batch, preds, logits in predict_batches(model, batches, accelerator):
+            # Every process gathers every batch, even one of unreadable images only: a process that
+            # skipped a gather would leave the others waiting in it.
+            unreadable += accelerator.gather_for_metrics(batch["errors"], use_gather_object=True)
+            batch_rows, stats = [], []
+            for name, pred, full in zip(batch["name"], preds, logits, strict=True):
+                h, w = pred.shape
+                truth = torch.from_numpy(read_mask(folder / "masks" / masks_of[name], spec, size=(w, h),
+                                                   binarize=cfg.DATASET.binarize))
+                batch_rows.append(dict(name=name, **image_metrics(pred[None], truth[None], k, names)[0]))
+                if k == 2:  # the paper's figures, from this image's probabilities at its size
+                    stats.append(paper_image_stats(torch.sigmoid(full), truth[None])[0])
+                    batch_rows[-1]["paper_dice"] = paper_image_dice(stats[-1])
+                stem = layout.stem(name)  # with its sub-folder: sub/a.jpg and other/a.jpg write apart
+                reporting.write_mask(out.path(f"masks/{stem}.png"), pred.numpy(), k)
+                if accelerator.is_main_process and overlays < args.overlays:
+                    image = read_image(folder / "images" / name)
+                    reporting.write_overlay(out.path(f"overlays/{stem}.png"), image, truth.numpy(), pred.numpy())
+                    overlays += 1
+            gathered = accelerator.gather_for_metrics(list(zip(batch_rows, stats or [None] * len(batch_rows), strict=True)),
+                                                      use_gather_object=True)
+            rows += [row for row, _ in gathered]
+            if k == 2 and any(stat for _, stat in gathered):
+                paper_batches.append(paper_batch([stat for _, stat in gathered if stat]))
+            if args.describe:
+                found = []
+                if batch["name"]:  # the model's own prediction at its input size; the true mask is not read
+                    pixels = batch["pixel_values"].to(accelerator.device)
+                    found = readout(model, tokenizer, pixels, predicted_foreground(model, pixels), spec.keyword,
+                                    batch_size=len(pixels), progress=False)
+                concepts += accelerator.gather_for_metrics([dict(name=name, **{key: f[key] for key in CSV_COLUMNS[1:]})
+                                                            for name, f in zip(batch["name"], found, strict=True)],
+                                                           use_gather_object=True)
+        # Unreadable images leave the batches uneven, so accelerate's trimming of the samples it
+        # repeated to even out the last batch can miss one: each image counts once, by name.
+        rows = list({row["name"]: row for row in rows}.values())
+        concepts = list({row["name"]: row for row in concepts}.values())
+        unreadable = list(dict.fromkeys(unreadable))
 
+        if accelerator.is_main_process:
+            data.report_unreadable(unreadable, out.path("unreadable.txt"))
+            summary = {**summarize(rows), **paper_summary(paper_batches)}
+            described = {}
+            if args.describe:
+                names = [row["name"] for row in concepts]
+                write_csv(out.path("concept.csv"), names, concepts)
+                # One image at a time (a split of full-size images need not fit in memory), its mask at its size.
+                images = (read_image(folder / "images" / name) for name in names)
+                pairs = ((read_mask(folder / "masks" / masks_of[name], spec, size=image.shape[1::-1],
+                                    binarize=cfg.DATASET.binarize), image)
+                         for name, image in zip(names, images, strict=True))
+                truths, pictures = itertools.tee(pairs)
+                described = dict(concept=agreement(concepts, (mask for mask, _ in truths),
+                                                   (image for _, image in pictures)))
+            write_json(out.path("metrics.json"), dict(run=str(args.run), checkpoint=args.checkpoint,
+                                                      epoch=extra.get("epoch"), dataset=cfg.DATASET.dataset_name,
+                                                      split=args.split, resolution="original", **summary,
+                                                      **described))
+            reporting.write_csv(out.path("per_image.csv"), rows)
+        if not rows:  # nothing replaces an earlier evaluation
+            raise CoTexNetError(f"{args.split} split of {cfg.DATASET.dataset_name}: no images evaluated")
     if accelerator.is_main_process:
-        data.report_unreadable(unreadable, out / "unreadable.txt")
-        summary = {**summarize(rows), **paper_summary(paper_batches)}
-        described = {}
-        if args.describe:
-            names = [row["name"] for row in concepts]
-            write_csv(out / "concept.csv", names, concepts)
-            # One image at a time (a split of full-size images need not fit in memory), its mask at its size.
-            images = (read_image(folder / "images" / name) for name in names)
-            pairs = ((read_mask(folder / "masks" / masks_of[name], spec, size=image.shape[1::-1],
-                                binarize=cfg.DATASET.binarize), image)
-                     for name, image in zip(names, images, strict=True))
-            truths, pictures = itertools.tee(pairs)
-            described = dict(concept=agreement(concepts, (mask for mask, _ in truths), (image for _, image in pictures)))
-        write_json(out / "metrics.json", dict(run=str(args.run), checkpoint=args.checkpoint, epoch=extra.get("epoch"),
-                                              dataset=cfg.DATASET.dataset_name, split=args.split,
-                                              resolution="original", **summary, **described))
-        reporting.write_csv(out / "per_image.csv", rows)
+        out = target_folder.folder
         print(reporting.format_table({args.split: summary}))
         if described:
             print("\n" + reporting.format_agreement(described["concept"]) + f"\nper image: {out / 'concept.csv'}")
         print(f"\nmasks: {out / 'masks'}  overlays: {out / 'overlays'}  per image: {out / 'per_image.csv'}  "
               f"summary: {out / 'metrics.json'}")
-    if not rows:
-        raise CoTexNetError(f"{args.split} split of {cfg.DATASET.dataset_name}: no images evaluated")
 
 
 if __name__ == "__main__":

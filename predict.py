@@ -20,6 +20,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from common.errors import CoTexNetError, run_cli
+from common.io import OutputFolder
 from data_process.layout import IMAGE_EXTS, check_unique_stems, list_files, why_missing
 from data_process.registry import read_image
 from model.concept_readout import CSV_COLUMNS, predicted_foreground, readout, write_csv
@@ -30,13 +31,9 @@ from train_utils.run_state import load_run
 from train_utils.tokenizer import load_tokenizer
 
 
-def input_files(source: Path, output: Path) -> list[Path]:
+def input_files(source: Path) -> list[Path]:
     if not source.exists():
         raise CoTexNetError(f"--input {source}: {why_missing(source, 'file or folder')}")
-    folder = source if source.is_dir() else source.parent
-    if output.resolve() == folder.resolve() or folder.resolve() in output.resolve().parents:
-        raise CoTexNetError(f"--output {output}: inside the input folder {folder}; choose another folder "
-                            "(masks would mix with, or overwrite, the inputs)")
     if source.is_file():
         return [source]
     names = list_files(source)
@@ -66,8 +63,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.batch_size is not None and args.batch_size < 1:
         parser.error(f"--batch-size: must be at least 1, got {args.batch_size}")
 
-    output = Path(args.output)
-    files = input_files(Path(args.input), output)
+    source = Path(args.input)
+    files = input_files(source)
+    # Every output path checked before anything is written: never the input folder, nor an input
+    # wherever a symlink puts it.
+    output = OutputFolder(args.output, "--output", [source if source.is_dir() else source.parent], files)
+    targets = {str(path): [output.path(f"{path.stem}.png"), *([output.path(f"overlays/{path.stem}.png")] * args.overlay)]
+               for path in files}
+    for name in ("unreadable.txt", "concept.csv"):  # written at the end, checked now
+        output.path(name)
     cfg, model, _ = load_run(args.run, args.checkpoint, args.clipseg)
     if args.batch_size is not None:
         cfg.TRAIN.batch_size = args.batch_size
@@ -82,21 +86,21 @@ def main(argv: list[str] | None = None) -> None:
     for batch, preds, _ in predict_batches(model, tqdm(loader, desc="predict", unit="batch"), accelerator):
         unreadable += batch["errors"]
         for name, pred in zip(batch["name"], preds, strict=True):
-            stem = Path(name).stem
-            reporting.write_mask(output / f"{stem}.png", pred.numpy(), cfg.DATASET.num_classes)
+            reporting.write_mask(targets[name][0], pred.numpy(), cfg.DATASET.num_classes)
             if args.overlay:
-                reporting.write_overlay(output / "overlays" / f"{stem}.png", read_image(name), None, pred.numpy())
+                reporting.write_overlay(targets[name][1], read_image(name), None, pred.numpy())
             written += 1
         if args.describe and batch["name"]:
             pixels = batch["pixel_values"].to(accelerator.device)
             names += [Path(name).name for name in batch["name"]]
             concepts += readout(model, tokenizer, pixels, predicted_foreground(model, pixels), keyword,
                                 batch_size=len(pixels), progress=False)
-    data.report_unreadable(unreadable, output / "unreadable.txt")
+    data.report_unreadable(unreadable, output.path("unreadable.txt"))
     if concepts:
-        write_csv(output / "concept.csv", names, concepts)
-    print(f"{written} mask(s) written to {output}" + (f", overlays in {output / 'overlays'}" if args.overlay else "")
-          + (f", concepts in {output / 'concept.csv'} ({', '.join(CSV_COLUMNS)})" if concepts else ""))
+        write_csv(output.path("concept.csv"), names, concepts)
+    folder = output.folder
+    print(f"{written} mask(s) written to {folder}" + (f", overlays in {folder / 'overlays'}" if args.overlay else "")
+          + (f", concepts in {folder / 'concept.csv'} ({', '.join(CSV_COLUMNS)})" if concepts else ""))
     if not written:
         raise CoTexNetError(f"--input {args.input}: none of the images could be read")
 

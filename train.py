@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
 
 from common.errors import EXIT_INTERRUPTED, CoTexNetError, run_cli
-from common.io import write_json, write_text
+from common.io import write_json
 from data_process.registry import REGISTRY_FILE, known_datasets
 from model.checkpoint import load_checkpoint
 from model.CoTexNet import CoTexNet
@@ -53,18 +52,6 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def run_folder(cfg, resume: str | None) -> Path:
-    if resume:
-        return Path(resume)
-    t = cfg.TRAIN
-    run = Path(t.run_dir) / (t.run_name or f"{'+'.join(cfg.datasets())}_{time.strftime('%Y%m%d-%H%M%S')}")
-    if run.exists() and not run.is_dir():
-        raise CoTexNetError(f"{run}: exists and is a file, not a run folder; choose another TRAIN.run_name")
-    if run.exists() and any(run.iterdir()):
-        raise CoTexNetError(f"{run}: exists and is not empty; choose another TRAIN.run_name, or --resume {run}")
-    return run
-
-
 def check_num_classes(cfg, spec) -> None:
     """DATASET.num_classes must be the registry's: the head, the loss and the masks' labels follow it."""
     name, wanted = spec.name, spec.num_classes
@@ -86,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     check_num_classes(cfg, spec)
     check_trackers(cfg.TRAIN.log_with)  # installed here, before the run folder is written
     tokenizer = load_tokenizer(cfg.MODEL.clipseg_hf_api)
-    run = run_folder(cfg, args.resume)
+    run = Path(args.resume) if args.resume else run_state.run_folder(cfg)
     accelerator = make_accelerator(cfg)
     data.process_batch_size(cfg, accelerator.num_processes)  # a batch that does not divide is refused here
     main_process = accelerator.is_main_process
@@ -114,12 +101,13 @@ def main(argv: list[str] | None = None) -> None:
     # After prepare: the optimiser steps of one process per epoch. Not prepared: accelerate would
     # step it once per process at every optimiser step.
     scheduler = build_scheduler(optimizer, cfg, len(train_loader))
+    if main_process:
+        print(cfg.to_yaml())
+    if not args.resume:  # the run folder's first write, once every input has been read and checked
+        run = run_state.create_run(run, cfg.to_yaml(), accelerator, default_name=not cfg.TRAIN.run_name)
     training = Training(cfg, run, accelerator, model, criterion, optimizer, scheduler, train_loader, val_loader,
                         generator, names)
     start_epoch = run_state.resume(training) if args.resume else 0
-    if main_process:  # the run folder's first write, once every input has been read and checked
-        print(cfg.to_yaml())
-        write_text(run / "config.yaml", cfg.to_yaml())
 
     if fit(training, start_epoch) is Outcome.INTERRUPTED:
         if main_process:

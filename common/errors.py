@@ -10,6 +10,7 @@ the same way: temporaries removed, "interrupted", exit status 130.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import mmap
 import signal
@@ -56,6 +57,14 @@ def _terminate_as_interrupt(signum, frame) -> None:
         on_interrupt(signal.SIGINT, frame)
     else:
         raise KeyboardInterrupt
+
+
+def die_with_parent() -> None:
+    """A worker process's initializer: it ends when the command that started it ends, even by kill -9
+    (Linux), instead of waiting forever for work that will not come."""
+    prctl = getattr(ctypes.CDLL(None), "prctl", None)
+    if prctl is not None:
+        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:

@@ -1,9 +1,17 @@
 """Offline augmentation of a dataset's TRAIN split (the paper README's "Important" step).
 
-For every image of the train split, each op writes a copy of the image and of its mask beside
-the originals, named `<stem>_aug-<tag><ext>` (`layout.augmented_stem`), and adds its row to the
-train split file. Validation and test images never get a copy: a train image that is also in
-val or test stops the run before anything is written.
+The copies are a dataset folder of their own, `<dataset>/augmented/` (images/, masks/, and the
+ROIs/ that stage 1 writes there), listed in a split file of their own,
+`<split_dir>/train_augmented.csv`: the split columns, plus `origin` (the image copied) and `op`.
+Its guarantees come from that:
+- Train only: copies are made of the train split's images, and a copy follows its origin
+  (make_splits.py drops the rows of copies whose origin leaves train; every reader of the split
+  files refuses a copy of a val or test image; training reads the copies of the images it uses).
+- Nothing of the researcher's is written: not the dataset's folders, not its split files.
+  Removing the copies is deleting the folder and the file (`undo`).
+- Idempotent, whole, safe together: a copy is written whole (temporary name, then rename) and
+  only if missing; the split file is replaced in one step once every file it names exists; runs
+  on one split folder take turns (the split files' lock).
 
 Ops (`parse_ops`):
 - hflip, vflip: mirror left-right, top-bottom.
@@ -16,48 +24,42 @@ so both stay aligned pixel for pixel.
 
 Files keep the dataset's formats: the image and mask extensions of the source; masks as the
 registry reads them (binary 0/255, label maps 0..K; per_category layout: each category's file,
-0/255, transformed alike), at the size of their image; JPEG quality 95.
-
-Order of writes, so that a run killed at any moment (even kill -9) leaves no split row naming
-a missing file and its rerun finishes the job: the manifest `<dataset>/augmented.json` lists
-the copies first, then the files are written (each atomically), then the train split file
-gets all the new rows in one atomic write. Undo goes the other way: rows, files, manifest.
-The split file is edited as text: other rows keep their bytes, so undo gives back the file
-byte for byte when nothing else changed it.
+0/255, transformed alike), at the size of their image; JPEG quality 95. A copy is named
+`<stem>_aug-<tag><ext>` (`layout.augmented_stem`), so that its ROI and its text row never take
+an original's name.
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
 import json
 import os
 import re
+import shutil
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import cv2
 import numpy as np
+import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from common.errors import CoTexNetError
-from common.io import atomic_path, leftovers, not_utf8, read_csv, write_image, write_json
-from data_process import layout
+from common.errors import CoTexNetError, die_with_parent
+from common.io import OutputFolder, create_exclusive, leftovers, stop_point, write_image
+from data_process import layout, splits
+from data_process.layout import AUGMENTED_COLUMNS
 from data_process.registry import DatasetSpec, category_files, category_masks, read_image, read_mask
 
 DEFAULT_OPS = "hflip,vflip,scale0.75,scale1.25"  # the paper's three kinds: flips and scaling
 JPEG_QUALITY = 95
-MANIFEST_FORMAT = 1
-SHOW = 5  # names listed in messages
+EARLIER_MANIFEST = "augmented.json"  # an earlier version's list of copies inside images/
 _SCALE = re.compile(r"scale(\d+(?:\.\d+)?)")
 
 
 @dataclass(frozen=True)
 class Op:
-    name: str           # as on the command line and in the manifest: "hflip", "scale0.75"
+    name: str           # as on the command line and in the split file: "hflip", "scale0.75"
     tag: str            # in file names, without a dot: "hflip", "scale75"
     factor: float = 1.0
 
@@ -103,115 +105,58 @@ def copy_names(image: str, mask: str, op: Op, spec: DatasetSpec) -> tuple[str, s
             str(mask_path.with_name(layout.augmented_stem(base[:end], op.tag) + base[end:] + mask_path.suffix)))
 
 
-def copy_files(dataset_dir: Path, copy: dict, spec: DatasetSpec) -> list[Path]:
-    """The image and mask file(s) of a copy (per_category layout: one mask per category folder)."""
-    mask = dataset_dir / "masks" / copy["mask"]
-    masks = category_files(mask, spec) if spec.mask_layout == "per_category" else [mask]
-    return [dataset_dir / "images" / copy["image"], *masks]
+def mask_files(dataset_dir: Path, mask: str, spec: DatasetSpec) -> list[Path]:
+    """The mask file(s) of a pair of a dataset folder (per_category layout: one per category folder)."""
+    path = dataset_dir / "masks" / mask
+    return category_files(path, spec) if spec.mask_layout == "per_category" else [path]
 
 
-def roi_files(dataset_dir: Path, copy: dict, spec: DatasetSpec) -> list[Path]:
-    """The ROIs make_ROI_img.py writes for a copy: stale once the copy is rewritten or removed."""
-    image_stem = layout.stem(copy["image"])
-    return [dataset_dir / "ROIs" / layout.roi_name(image_stem, category) for category in spec.categories or (None,)]
+def copy_files(dataset_dir: Path, folder: OutputFolder, copy: dict, spec: DatasetSpec) -> list[Path]:
+    """The image and mask file(s) of a copy in the copies `folder`, masks in the category folders
+    of their origin's."""
+    depth = len(PurePosixPath(copy["origin_mask"]).parts)
+    masks = (PurePosixPath(source.relative_to(dataset_dir / "masks").parents[depth - 1].as_posix(), copy["mask_name"])
+             for source in mask_files(dataset_dir, copy["origin_mask"], spec))
+    return [folder.path(f"images/{copy['img_name']}"), *(folder.path(f"masks/{mask}") for mask in masks)]
 
 
-# ---------------------------------------------------------------- the split files and the manifest
+# ---------------------------------------------------------------- the copies' folder
 
-@dataclass
-class Splits:
-    train_path: Path
-    train_bytes: bytes
-    train: dict[str, str]        # this dataset's train rows: image -> mask
-    held_out: dict[str, Path]    # this dataset's val and test images -> their split file
-
-
-def read_splits(split_dir, dataset_name: str) -> Splits:
-    train_path = layout.split_csv(split_dir, "train")
-    table = read_csv(train_path, layout.SPLIT_COLUMNS, missing_hint="make it with data_process/make_splits.py")
-    rows = table[table["dataset"] == dataset_name]
-    if rows.empty:
-        held = sorted(set(table["dataset"]))
-        raise CoTexNetError(f"{train_path}: no rows for dataset {dataset_name!r}; it holds {held or 'no rows at all'}")
-    held_out: dict[str, Path] = {}
-    for split in layout.SPLITS[1:]:
-        path = layout.split_csv(split_dir, split)
-        if path.exists():
-            other = read_csv(path, layout.SPLIT_COLUMNS)
-            for image in other.loc[other["dataset"] == dataset_name, "img_name"]:
-                held_out.setdefault(image, path)
-    return Splits(train_path, train_path.read_bytes(), dict(zip(rows["img_name"], rows["mask_name"], strict=True)),
-                  held_out)
+def refuse_earlier_copies(dataset_dir: Path) -> None:
+    """Copies of an earlier version live among the originals: a split would take them for images."""
+    if (dataset_dir / EARLIER_MANIFEST).is_file():
+        raise CoTexNetError(f"{dataset_dir / EARLIER_MANIFEST}: copies made by an earlier augment_data.py are in "
+                            f"{dataset_dir / 'images'} and the train split; remove them first: "
+                            "python data_process/augment_data.py --undo (same --dataset-name, --dataset-path, --split-dir)")
 
 
-def fingerprint(data: bytes) -> dict:
-    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+def _record(dataset_dir: Path, name: str, split_file: Path) -> dict:
+    return {"made_by": "data_process/augment_data.py", "dataset": name,
+            "split_file": os.path.relpath(split_file.resolve(), layout.augmented_dir(dataset_dir).resolve())}
 
 
-def read_manifest(dataset_dir) -> dict | None:
-    """The manifest of a dataset folder, or None when it has none."""
-    path = layout.augment_manifest(dataset_dir)
+def copies_folder(dataset_dir: Path, name: str, split_file: Path, create: bool) -> Path:
+    """The dataset's copies folder, checked to be augment_data.py's, listed in `split_file`;
+    with `create`, made (with its record) if it is not there."""
+    folder = layout.augmented_dir(dataset_dir)
+    record = folder / layout.AUGMENTED_RECORD
+    if create:
+        folder.mkdir(exist_ok=True)
+        if not any(folder.iterdir()):  # the record claims the folder, once
+            create_exclusive(record, json.dumps(_record(dataset_dir, name, split_file), indent=2).encode())
+    if not folder.exists():
+        return folder
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except UnicodeDecodeError as err:
-        raise not_utf8(path, err, "restore it, or delete it together with the copies it lists") from err
-    except (OSError, json.JSONDecodeError) as err:
-        raise CoTexNetError(f"{path}: not a readable manifest ({err})") from err
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise CoTexNetError(f"{path}: not a manifest of augment_data.py (format {MANIFEST_FORMAT})")
-    return manifest
-
-
-def augmented_images(dataset_dir) -> set[str]:
-    """The images of a dataset folder that are augmented copies (relative to images/)."""
-    manifest = read_manifest(dataset_dir)
-    return {copy["image"] for copy in manifest["copies"]} if manifest else set()
-
-
-def _manifest_for(dataset_dir: Path, dataset_name: str, train_path: Path) -> dict | None:
-    manifest = read_manifest(dataset_dir)
-    if manifest is None:
-        return None
-    path = layout.augment_manifest(dataset_dir)
-    if manifest["dataset"] != dataset_name:
-        raise CoTexNetError(f"{path}: made for dataset {manifest['dataset']!r}, not {dataset_name!r}")
-    split_file = (dataset_dir / manifest["split_file"]).resolve()
-    if split_file != train_path.resolve():
-        raise CoTexNetError(f"{path}: its rows are in {split_file}, not {train_path.resolve()}; "
-                            f"pass --split-dir {split_file.parent}")
-    return manifest
-
-
-def edit_rows(data: bytes, dataset_name: str, drop: set[str], add: list[tuple[str, str]]) -> bytes:
-    """Split file `data` without this dataset's rows of images `drop`, with rows `add` appended
-    (image, mask); every other byte stays, line endings and column order included."""
-    lines = data.splitlines(keepends=True)
-    header = next(csv.reader([lines[0].decode("utf-8")]))
-    at_dataset, at_image = header.index("dataset"), header.index("img_name")
-
-    def ours(line: bytes) -> bool:
-        cells = next(csv.reader([line.decode("utf-8")]), [])
-        return len(cells) == len(header) and cells[at_dataset] == dataset_name and cells[at_image] in drop
-
-    kept = [lines[0], *(line for line in lines[1:] if not ours(line))]
-    if not add:
-        return b"".join(kept)
-    end = "\r\n" if lines[0].endswith(b"\r\n") else "\n"
-    if not kept[-1].endswith((b"\n", b"\r")):
-        kept[-1] += end.encode()
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator=end)
-    for image, mask in add:
-        values = {"dataset": dataset_name, "img_name": image, "mask_name": mask}
-        writer.writerow([values.get(column, "") for column in header])
-    return b"".join(kept) + buffer.getvalue().encode("utf-8")
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+        made = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise CoTexNetError(f"{folder}: exists and is not a folder of copies made by augment_data.py (no readable "
+                            f"{layout.AUGMENTED_RECORD}); move it away; nothing written") from err
+    listed = (folder / str(made.get("split_file"))).resolve()
+    if made.get("dataset") != name or listed != split_file.resolve():
+        raise CoTexNetError(f"{folder}: its copies are of dataset {made.get('dataset')!r}, listed in {listed}; this run "
+                            f"is for {name!r} and {split_file}: undo them there first (augment_data.py --undo); "
+                            "nothing written")
+    return folder
 
 
 # ---------------------------------------------------------------- augment
@@ -220,79 +165,65 @@ def _write_bytes(path: Path, data: bytes) -> None:
 class Plan:
     dataset_dir: Path
     spec: DatasetSpec
-    splits: Splits
-    manifest: dict                                        # every copy, the stale ones included
-    sources: int                                          # train images that are no copy
-    new_copies: list[dict] = field(default_factory=list)  # not yet in the manifest
-    write: list[dict] = field(default_factory=list)       # copies whose files are missing
-    add_rows: list[dict] = field(default_factory=list)    # copies without a train row
-    stale: list[dict] = field(default_factory=list)       # copies of images no longer in train
+    split_file: Path
+    table: pd.DataFrame | None   # the copies' split file as it will be (every dataset's rows)
+    copies: int                  # this dataset's copies, listed
+    sources: int                 # its train images
+    write: dict                  # origin image -> (its mask, [(op, files)]) of the copies whose files are missing
+    remove: list[Path]           # files of copies no longer listed
+    changed: bool                # the split file changes
 
     @property
     def empty(self) -> bool:
-        return not (self.new_copies or self.write or self.add_rows or self.stale)
+        return not (self.write or self.remove or self.changed)
 
 
-def plan(dataset_dir, spec: DatasetSpec, split_dir, ops: list[Op]) -> Plan:
-    """What a run must do to reach: every train image has a copy per op (and keeps the copies
-    earlier runs made with other ops), each with its files and its train row. Checks everything
-    that could stop the run before anything is written."""
+def plan(dataset_dir, spec: DatasetSpec, split_dir, ops: list[Op], allow_overlap: bool = False) -> Plan:
+    """What a run must do to reach: a copy per op of every train image (copies that earlier runs
+    made with other ops kept), each with its files, listed, and nothing else in the folder.
+    Checks all that could stop the run before anything is written; under `splits.writing`."""
     dataset_dir = Path(dataset_dir)
+    refuse_earlier_copies(dataset_dir)
     if not (dataset_dir / "images").is_dir():
         raise CoTexNetError(f"{dataset_dir / 'images'}: no such folder")
-    splits = read_splits(split_dir, spec.name)
-    # the split file relative to the dataset folder: the manifest stays valid when the project moves
-    split_file = Path(os.path.relpath(splits.train_path.resolve(), dataset_dir.resolve())).as_posix()
-    manifest = _manifest_for(dataset_dir, spec.name, splits.train_path) or {
-        "format": MANIFEST_FORMAT, "dataset": spec.name, "split_file": split_file,
-        "split_before": fingerprint(splits.train_bytes), "copies": []}
-    known = {copy["image"]: copy for copy in manifest["copies"]}
-    originals = {image: mask for image, mask in splits.train.items() if image not in known}
-    _check_leaks(dataset_dir, splits, originals, known)
-
-    wanted = {image: copy for image, copy in known.items() if copy["source"] in originals}
-    new = []
-    for image, mask in originals.items():
+    now = splits.read(split_dir)
+    split_file = now.path("augmented")
+    mine = now.of(spec.name, dataset_dir, allow_overlap, switch="--allow-split-overlap")
+    train = dict(zip(*(mine.split("train")[column] for column in ("img_name", "mask_name")), strict=True))
+    folder = copies_folder(dataset_dir, spec.name, split_file, create=False)
+    earlier = mine.rows["augmented"]
+    rows = {row["img_name"]: row for row in earlier[earlier["origin"].isin(list(train))].to_dict("records")}
+    for image, mask in train.items():
         for op in ops:
             copy_image, copy_mask = copy_names(image, mask, op, spec)
-            if copy_image not in wanted:
-                wanted[copy_image] = dict(source=image, op=op.name, image=copy_image, mask=copy_mask)
-                new.append(wanted[copy_image])
-    _check_collisions(dataset_dir, spec, new, splits)
-    write = [copy for copy in wanted.values() if not all(path.exists() for path in copy_files(dataset_dir, copy, spec))]
-    for source in dict.fromkeys(copy["source"] for copy in write):  # a missing source would stop the run half-way
-        for path in copy_files(dataset_dir, dict(image=source, mask=splits.train[source]), spec):
+            rows.setdefault(copy_image, dict(dataset=spec.name, img_name=copy_image, mask_name=copy_mask, origin=image,
+                                             op=op.name))
+    originals = {layout.stem(name): name for name in layout.list_files(dataset_dir / "images")}
+    for copy in rows.values():
+        if layout.stem(copy["img_name"]) in originals:
+            raise CoTexNetError(f"{dataset_dir / 'images' / originals[layout.stem(copy['img_name'])]}: an original "
+                                f"image named like the {copy['op']} copy of {copy['origin']}; rename it; nothing written")
+    files, write = {}, {}
+    # never in the dataset's images/ or masks/, even through a symlink
+    output = OutputFolder(folder, input_folders=[dataset_dir / "images", dataset_dir / "masks"])
+    for image, copy in rows.items():
+        files[image] = copy_files(dataset_dir, output, dict(copy, origin_mask=train[copy["origin"]]), spec)
+        if not all(path.exists() for path in files[image]):
+            write.setdefault(copy["origin"], (train[copy["origin"]], []))[1].append((copy["op"], files[image]))
+    for origin, (mask, _) in write.items():  # a missing source would stop the run half-way
+        for path in [dataset_dir / "images" / origin, *mask_files(dataset_dir, mask, spec)]:
             if not path.exists():
-                raise CoTexNetError(f"{path}: no such file (listed in {splits.train_path}); nothing written")
-    manifest = {**manifest, "copies": [*manifest["copies"], *new]}
-    return Plan(dataset_dir, spec, splits, manifest, len(originals), new, write=write,
-                add_rows=[copy for copy in wanted.values() if copy["image"] not in splits.train],
-                stale=[copy for copy in known.values() if copy["source"] not in originals])
-
-
-def _check_leaks(dataset_dir: Path, splits: Splits, originals: dict, known: dict) -> None:
-    both = [image for image in originals if image in splits.held_out]
-    if both:
-        raise CoTexNetError(f"{splits.held_out[both[0]]}: {both[0]} is also in {splits.train_path} "
-                            f"({len(both)} train images are in val or test); a copy would leak it into training. "
-                            "Fix the splits (data_process/make_splits.py); nothing written")
-    copies = [image for image in known if image in splits.held_out]
-    if copies:
-        raise CoTexNetError(f"{splits.held_out[copies[0]]}: {copies[0]} is an augmented copy "
-                            f"({layout.augment_manifest(dataset_dir)}), listed outside train ({len(copies)} in all). "
-                            "Remake the splits (make_splits.py leaves copies out); nothing written")
-
-
-def _check_collisions(dataset_dir: Path, spec: DatasetSpec, new: list[dict], splits: Splits) -> None:
-    listed = set(splits.train) | set(splits.held_out)
-    for copy in new:
-        if copy["image"] in listed:
-            raise CoTexNetError(f"{splits.train_path}: {copy['image']} is an original image, named like the "
-                                f"{copy['op']} copy of {copy['source']}; rename one; nothing written")
-        for path in copy_files(dataset_dir, copy, spec):
-            if path.exists():
-                raise CoTexNetError(f"{path}: exists and is not a copy made by augment_data.py (not in "
-                                    f"{layout.augment_manifest(dataset_dir)}); rename or remove it; nothing written")
+                raise CoTexNetError(f"{path}: no such file (listed in {now.path('train')}); nothing written")
+    kept = {*(path for paths in files.values() for path in paths),
+            *(folder / "ROIs" / name for image in rows for name in layout.roi_names(image, spec.categories))}
+    remove = [path for sub in ("images", "masks", "ROIs") for path in sorted((folder / sub).rglob("*"))
+              if path.is_file() and path not in kept and not layout.is_hidden(path.relative_to(folder))]
+    table, names = now.tables["augmented"], {spec.name, *spec.aliases}
+    ours = pd.DataFrame(rows.values(), columns=AUGMENTED_COLUMNS)
+    before = set() if table is None else set(table[table["dataset"].isin(names)].itertuples(index=False))
+    new = pd.concat([None if table is None else table[~table["dataset"].isin(names)], ours], ignore_index=True)
+    return Plan(dataset_dir, spec, split_file, new if len(new) else None, len(rows), len(train), write, remove,
+                changed=before != set(ours.itertuples(index=False)))
 
 
 def _encode(masks: list[np.ndarray], spec: DatasetSpec) -> list[np.ndarray]:
@@ -315,10 +246,8 @@ def make_copies(job) -> int:
     else:
         masks = _encode([read_mask(mask_path, spec, size)], spec)
     empty = 0
-    for op_name, files, rois in outputs:
+    for op_name, files in outputs:
         op = parse_ops(op_name)[0]
-        for roi in rois:
-            roi.unlink(missing_ok=True)
         copied = [op.apply(mask, nearest=True) for mask in masks]
         empty += not any(mask.any() for mask in copied)
         for mask, path in zip(copied, files[1:], strict=True):
@@ -328,84 +257,79 @@ def make_copies(job) -> int:
 
 
 def run(plan: Plan, workers: int = 1) -> int:
-    """Carry out `plan` (manifest, files, rows, then the stale copies); returns the copies with an empty mask."""
-    dataset_dir, spec, splits = plan.dataset_dir, plan.spec, plan.splits
-    manifest_path = layout.augment_manifest(dataset_dir)
-    if plan.new_copies:
-        write_json(manifest_path, plan.manifest)
-    jobs: dict[str, list] = {}
-    for copy in plan.write:
-        jobs.setdefault(copy["source"], []).append(
-            (copy["op"], copy_files(dataset_dir, copy, spec), roi_files(dataset_dir, copy, spec)))
-    for path in leftovers(path for copy in plan.write for path in copy_files(dataset_dir, copy, spec)):
+    """Carry out `plan`: the missing files, then the split file, then the files no longer listed
+    go. Returns the copies with an empty mask."""
+    dataset_dir, spec = plan.dataset_dir, plan.spec
+    copies_folder(dataset_dir, spec.name, plan.split_file, create=True)
+    written = [path for _, outputs in plan.write.values() for _, files in outputs for path in files]
+    for path in leftovers(written):  # of a killed run
         path.unlink(missing_ok=True)
-    job_list = [(dataset_dir / "images" / source, dataset_dir / "masks" / splits.train[source], spec, outputs)
-                for source, outputs in jobs.items()]
+    jobs = [(dataset_dir / "images" / origin, dataset_dir / "masks" / mask, spec, outputs)
+            for origin, (mask, outputs) in plan.write.items()]
     empties = 0
     cv2.setNumThreads(1)  # parallelism comes from the processes
-    pool = ProcessPoolExecutor(workers) if workers > 1 and len(job_list) > 1 else None
+    pool = ProcessPoolExecutor(workers, initializer=die_with_parent) if workers > 1 and len(jobs) > 1 else None
     try:
-        with tqdm(total=len(plan.write), desc=f"augment {spec.name}", unit="copy") as bar:
-            for job, empty in zip(job_list, pool.map(make_copies, job_list, chunksize=2) if pool
-                                  else map(make_copies, job_list), strict=True):
+        with tqdm(total=sum(len(job[3]) for job in jobs), desc=f"augment {spec.name}", unit="copy") as bar:
+            for job, empty in zip(jobs, pool.map(make_copies, jobs, chunksize=2) if pool else map(make_copies, jobs),
+                                  strict=True):
                 empties += empty
                 bar.update(len(job[3]))
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)
-    if plan.add_rows or plan.stale:
-        _write_bytes(splits.train_path, edit_rows(
-            splits.train_bytes, spec.name, {copy["image"] for copy in plan.stale},
-            [(copy["image"], copy["mask"]) for copy in plan.add_rows]))
-    if plan.stale:
-        _remove_files(dataset_dir, spec, plan.stale)
-        stale = {copy["image"] for copy in plan.stale}
-        write_json(manifest_path, {**plan.manifest, "copies": [c for c in plan.manifest["copies"] if c["image"] not in stale]})
+    stop_point("augment:copies written")
+    if plan.changed:
+        splits.write(plan.split_file.parent, {"augmented": plan.table})
+    for path in plan.remove:
+        path.unlink(missing_ok=True)
     return empties
-
-
-def _remove_files(dataset_dir: Path, spec: DatasetSpec, copies: list[dict]) -> None:
-    files = [path for copy in copies for path in copy_files(dataset_dir, copy, spec)]
-    for path in [*files, *leftovers(files), *(path for copy in copies for path in roi_files(dataset_dir, copy, spec))]:
-        try:
-            path.unlink(missing_ok=True)
-        except OSError as err:
-            raise CoTexNetError(f"{path}: cannot be removed ({err.strerror})") from err
 
 
 # ---------------------------------------------------------------- undo
 
-@dataclass
-class Undone:
-    copies: int
-    rows: int
-    identical: bool     # the split file is byte for byte what it was before the first run
-    split_file: Path
-
-
-def undo(dataset_dir, spec: DatasetSpec, split_dir, dry_run: bool = False) -> Undone | None:
-    """Remove every copy the manifest lists: their train rows, then their files and ROIs, then
-    the manifest. None when the dataset has no manifest."""
+def undo(dataset_dir, spec: DatasetSpec, split_dir, dry_run: bool = False) -> tuple[int, int]:
+    """Remove the dataset's copies: their rows, then their folder (and copies of an earlier version,
+    among the originals). Returns (rows removed, files removed); under `splits.writing`."""
     dataset_dir = Path(dataset_dir)
-    train_path = layout.split_csv(split_dir, "train")
-    manifest = _manifest_for(dataset_dir, spec.name, train_path)
-    if manifest is None:
-        return None
-    copies = manifest["copies"]
-    data = train_path.read_bytes() if train_path.exists() else b""
-    restored = data
-    if data:
-        read_csv(train_path, layout.SPLIT_COLUMNS)  # one-line errors for a file that is no split file any more
-        restored = edit_rows(data, spec.name, {copy["image"] for copy in copies}, [])
-        before = manifest["split_before"]
-        head = restored[:before["bytes"]]
-        # our first run ended the file's last line if it had no line end: take that back too
-        if restored[before["bytes"]:] in (b"", b"\n", b"\r\n") and fingerprint(head) == before:
-            restored = head
-    rows = len(data.splitlines()) - len(restored.splitlines())
-    if not dry_run:
-        if restored != data:
-            _write_bytes(train_path, restored)
-        _remove_files(dataset_dir, spec, copies)
-        os.remove(layout.augment_manifest(dataset_dir))
-    return Undone(len(copies), rows, fingerprint(restored) == manifest["split_before"], train_path)
+    now = splits.read(split_dir)
+    table, names = now.tables["augmented"], {spec.name, *spec.aliases}
+    mine = 0 if table is None else int(table["dataset"].isin(names).sum())
+    folder = layout.augmented_dir(dataset_dir)
+    files = [path for path in folder.rglob("*") if path.is_file()] if folder.exists() else []
+    if files:
+        copies_folder(dataset_dir, spec.name, now.path("augmented"), create=False)
+    earlier = _earlier_copies(dataset_dir, spec, now)
+    if dry_run:
+        return mine + len(earlier[0]), len(files) + len(earlier[1])
+    if mine or len(earlier[0]):
+        rest = None if table is None else table[~table["dataset"].isin(names)]
+        splits.write(split_dir, {"augmented": rest if rest is not None and len(rest) else None,
+                                 **({"train": now.tables["train"].drop(earlier[0])} if len(earlier[0]) else {})})
+    for sub in ("images", "masks", "ROIs"):  # images/ first: a folder without it is no copies folder to stage 1
+        shutil.rmtree(folder / sub, ignore_errors=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    for path in earlier[1]:
+        path.unlink(missing_ok=True)
+    (dataset_dir / EARLIER_MANIFEST).unlink(missing_ok=True)
+    return mine + len(earlier[0]), len(files) + len(earlier[1])
+
+
+def _earlier_copies(dataset_dir: Path, spec: DatasetSpec, now: splits.SplitSet) -> tuple[pd.Index, list[Path]]:
+    """The train rows (index) and the files (images, masks, ROIs) of the copies an earlier version
+    listed in <dataset>/augmented.json."""
+    path = dataset_dir / EARLIER_MANIFEST
+    if not path.is_file():
+        return pd.Index([]), []
+    try:
+        copies = json.loads(path.read_text(encoding="utf-8"))["copies"]
+    except (OSError, ValueError, KeyError) as err:
+        raise CoTexNetError(f"{path}: not a readable list of copies ({err}); delete the copies it names by hand") from err
+    images = {copy["image"] for copy in copies}
+    train = now.tables["train"]
+    rows = pd.Index([]) if train is None else train.index[train["dataset"].isin({spec.name, *spec.aliases})
+                                                          & train["img_name"].isin(images)]
+    files = [path for copy in copies for path in (dataset_dir / "images" / copy["image"],
+                                                  *mask_files(dataset_dir, copy["mask"], spec),
+                                                  *(dataset_dir / "ROIs" / name for name in layout.roi_names(copy["image"], spec.categories)))]
+    return rows, [path for path in files if path.exists()]

@@ -4,20 +4,22 @@
 
 For every image of the dataset's rows in <split-dir>/train_data.csv, and for each op of --ops
 (default hflip,vflip,scale0.75,scale1.25), writes a copy of the image and of its mask into
-<dataset-path>/images/ and masks/ as <stem>_aug-<op><ext> (scale0.75 -> _aug-scale75), in the
-dataset's own formats, and adds its row to train_data.csv. val_data.csv and test_data.csv
-are only read: a train image that is also there stops the run, nothing written.
+<dataset-path>/augmented/images/ and masks/ as <stem>_aug-<op><ext> (scale0.75 -> _aug-scale75),
+in the dataset's own formats, and lists it in <split-dir>/train_augmented.csv with its origin.
+The dataset's own folders and split files are only read; a train image that is also in val or
+test stops the run, nothing written.
 
 hflip / vflip mirror the image; scale<f> zooms by f about the centre at the same size (f < 1:
 black border around, f > 1: the rim cropped away). Masks follow with nearest neighbour.
 
-Then make the copies' ROIs and text as for any image (make_ROI_img.py, get_text.py: the text of
-a flipped polyp names its new place) and train: train.py reads them from train_data.csv.
+Then make the copies' ROIs and text with the same commands as for the originals
+(make_ROI_img.py and get_text.py on the dataset folder take its augmented/ folder too; the text
+of a flipped polyp names its new place) and train: train.py reads train_augmented.csv beside
+train_data.csv (DATASET.augmented: false leaves the copies out).
 
-Safe to rerun: the same ops write nothing; other ops add only their copies; a killed run
-finishes where it stopped. <dataset-path>/augmented.json lists every copy; --undo removes
-them all (rows, images, masks, their ROIs) and gives back train_data.csv as it was.
-make_splits.py leaves the listed copies out of a new split (then rerun this script).
+Safe to rerun: the same ops write nothing; other ops add only their copies; copies of images
+no longer in train go; a killed run finishes where it stopped; two runs take turns. --undo
+removes every copy: the dataset's rows of train_augmented.csv, then <dataset-path>/augmented/.
 """
 
 import sys, pathlib; sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])  # noqa: E401,E702,I001
@@ -27,7 +29,7 @@ import os
 from pathlib import Path
 
 from common.errors import run_cli
-from data_process import augment, layout
+from data_process import augment, layout, splits
 from data_process.registry import get_spec, known_datasets
 
 
@@ -42,39 +44,42 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"folder of the split CSVs (default: {layout.DEFAULT_SPLIT_DIR}/)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="parallel processes (default: the CPU count, at most 8)")
+    parser.add_argument("--allow-split-overlap", action="store_true",
+                        help="copy train images that are also in val or test (a benchmark that means it)")
     parser.add_argument("--dry-run", action="store_true", help="print what would be written or removed, write nothing")
-    parser.add_argument("--undo", action="store_true", help="remove every copy and row this script made")
+    parser.add_argument("--undo", action="store_true", help="remove every copy (the rows, then the folder)")
     args = parser.parse_args(argv)
 
     spec = get_spec(args.dataset_name)
-    if args.undo:
-        done = augment.undo(args.dataset_path, spec, args.split_dir, args.dry_run)
-        if done is None:
-            print(f"{args.dataset_path}: no {layout.AUGMENT_MANIFEST}, nothing to undo")
+    split_file = layout.split_csv(args.split_dir, "augmented")
+    with splits.writing(args.split_dir):
+        if args.undo:
+            rows, files = augment.undo(args.dataset_path, spec, args.split_dir, args.dry_run)
+            verb = "would remove" if args.dry_run else "removed"
+            print(f"{spec.name}: {verb} {rows} rows of {split_file} and {files} files "
+                  f"({layout.augmented_dir(args.dataset_path)}: copies, masks, ROIs)" if rows or files
+                  else f"{spec.name}: no copies, nothing to undo")
             return
-        verb = "would remove" if args.dry_run else "removed"
-        state = "as before the first run, byte for byte" if done.identical else "changed since by something else"
-        print(f"{spec.name}: {verb} {done.copies} copies (images, masks, ROIs) and {done.rows} rows of "
-              f"{done.split_file} ({state})")
-        return
-
-    plan = augment.plan(args.dataset_path, spec, args.split_dir, augment.parse_ops(args.ops))
-    if plan.empty:
-        print(f"{spec.name}: nothing to do, every copy of the {plan.sources} train images "
-              "is there with its row")
-        return
-    if args.dry_run:
-        for copy in plan.write:
-            print(f"would write {' '.join(map(str, augment.copy_files(plan.dataset_dir, copy, spec)))}")
-        for copy in plan.stale:
-            print(f"would remove {copy['image']} (its source {copy['source']} is no longer in train)")
-        print(f"{spec.name}: would write {len(plan.write)} copies, add {len(plan.add_rows)} rows to "
-              f"{plan.splits.train_path}, remove {len(plan.stale)} copies")
-        return
-    empty = augment.run(plan, args.workers)
-    print(f"{spec.name}: {len(plan.write)} copies written, {len(plan.add_rows)} rows added to {plan.splits.train_path}, "
-          f"{len(plan.stale)} copies of images no longer in train removed, {empty} copies with an empty mask (kept); "
-          f"listed in {layout.augment_manifest(plan.dataset_dir)}")
+        plan = augment.plan(args.dataset_path, spec, args.split_dir, augment.parse_ops(args.ops),
+                            args.allow_split_overlap)
+        if plan.empty:
+            print(f"{spec.name}: nothing to do, the {plan.copies} copies of the {plan.sources} train images "
+                  f"are there and listed in {split_file}")
+            return
+        copies = sum(len(outputs) for _, outputs in plan.write.values())
+        if args.dry_run:
+            for _, outputs in plan.write.values():
+                for _, files in outputs:
+                    print(f"would write {' '.join(map(str, files))}")
+            for path in plan.remove:
+                print(f"would remove {path} (no longer a copy of a train image)")
+            print(f"{spec.name}: would write {copies} copies, list {plan.copies} in {split_file}, "
+                  f"remove {len(plan.remove)} files")
+            return
+        empty = augment.run(plan, args.workers)
+    print(f"{spec.name}: {copies} copies written to {layout.augmented_dir(args.dataset_path)}, {plan.copies} listed in "
+          f"{split_file}, {len(plan.remove)} files of copies no longer in train removed, {empty} copies with an "
+          "empty mask (kept)")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@
     <root>/<dataset>/images/    the images           (root defaults to data_process)
     <root>/<dataset>/masks/     their masks
     <root>/<dataset>/ROIs/      stage 1's ROI images: <stem>.jpg, or <stem>__<category>.jpg
-    <root>/<dataset>/augmented.json             the copies augment_data.py made (its manifest)
+    <root>/<dataset>/augmented/ the copies augment_data.py makes: a dataset folder of its own
+                                (images/, masks/, ROIs/) and about.json, naming its split file
     <split_dir>/{train,val,test}_data.csv       columns dataset,img_name,mask_name
+    <split_dir>/train_augmented.csv             the copies' rows: the same columns, + origin,op
     text_file/<dataset>/<dataset>_text_out.csv  stage 2's text
 
 Default paths are relative to the current working directory: run the scripts from the
@@ -26,7 +28,9 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 ROI_EXT = ".jpg"
 CATEGORY_SEP = "__"  # ROI of one category: "<stem>__<category>.jpg"
 AUGMENT_SEP = "_aug-"  # augmented copy: "<stem>_aug-<op tag><ext>"; never read as CATEGORY_SEP
-AUGMENT_MANIFEST = "augmented.json"
+AUGMENTED = "augmented"  # the copies' folder in a dataset folder
+AUGMENTED_RECORD = "about.json"  # in it: made by augment_data.py, for which split file
+AUGMENTED_COLUMNS = [*SPLIT_COLUMNS, "origin", "op"]  # origin: the image copied (relative to images/)
 
 
 def normalise_ext(ext: str | None) -> str | None:
@@ -113,8 +117,17 @@ def dataset_dir(root: str | Path, dataset_name: str) -> Path:
     return Path(root) / dataset_name
 
 
-def augment_manifest(dataset_folder: str | Path) -> Path:
-    return Path(dataset_folder) / AUGMENT_MANIFEST
+def augmented_dir(dataset_folder: str | Path) -> Path:
+    return Path(dataset_folder) / AUGMENTED
+
+
+def data_folders(dataset_folder: str | Path) -> list[Path]:
+    """The dataset folder, then its copies folder if augment_data.py made one (and `--undo` has not
+    begun removing it): the folders whose images/ and masks/ stage 1 and stage 2 read (each writes
+    its ROIs/)."""
+    copies = augmented_dir(dataset_folder)
+    made = (copies / AUGMENTED_RECORD).is_file() and (copies / "images").is_dir()
+    return [Path(dataset_folder), *([copies] if made else [])]
 
 
 def augmented_stem(image_stem: str, tag: str) -> str:
@@ -123,7 +136,8 @@ def augmented_stem(image_stem: str, tag: str) -> str:
 
 
 def split_csv(split_dir: str | Path, split: str) -> Path:
-    return Path(split_dir) / f"{split}_data.csv"
+    """A split file; split "augmented": the copies' rows (train only)."""
+    return Path(split_dir) / ("train_augmented.csv" if split == "augmented" else f"{split}_data.csv")
 
 
 def text_csv(dataset_name: str) -> Path:
@@ -133,6 +147,11 @@ def text_csv(dataset_name: str) -> Path:
 def roi_name(image_stem: str, category: str | None = None) -> str:
     """The ROI file of an image (relative to ROIs/), or of one category of a multi-class image."""
     return f"{image_stem}{CATEGORY_SEP}{category}{ROI_EXT}" if category else f"{image_stem}{ROI_EXT}"
+
+
+def roi_names(image_name: str, categories=()) -> list[str]:
+    """The ROI files of one image (relative to ROIs/): one, or one per category in category order."""
+    return [roi_name(stem(image_name), category) for category in categories or (None,)]
 
 
 def parse_roi_name(name: str, per_category: bool) -> tuple[str, str | None]:

@@ -4,7 +4,8 @@
 
 reads <dataset-path>/images/* and <dataset-path>/masks/*, pairs them by stem (the dataset's
 quirks, such as ISIC's "_Segmentation" suffix, come from dataset_config/datasets.yaml) and
-writes <dataset-path>/ROIs/<stem>.jpg. Multi-class datasets get one ROI per image and
+writes <dataset-path>/ROIs/<stem>.jpg; the same for the augmented copies of augment_data.py in
+<dataset-path>/augmented/ (their ROIs in augmented/ROIs/). Multi-class datasets get one ROI per image and
 category, ROIs/<stem>__<category>.jpg, from label-map masks (masks/<name>) or, with
 mask_layout per_category in the registry, from one binary mask per category
 (masks/<k or keyword>/<name>, each used as it is). Masks of another size than their image are
@@ -25,18 +26,12 @@ from pathlib import Path
 import cv2
 from tqdm import tqdm
 
-from common.errors import CoTexNetError, run_cli
-from common.io import remove_stale_temporaries, write_image
+from common.errors import CoTexNetError, die_with_parent, run_cli
+from common.io import OutputFolder, remove_stale_temporaries, write_image
 from data_process import layout
 from data_process.registry import DatasetSpec, category_masks, get_spec, known_datasets, pair_files, read_image
 
 JPEG_QUALITY = 95
-
-
-def roi_paths(rois_dir: Path, image_name: str, spec: DatasetSpec) -> list[Path]:
-    """The ROI path of one image, or one per category (in category order)."""
-    stem = layout.stem(image_name)
-    return [rois_dir / layout.roi_name(stem, category) for category in spec.categories or (None,)]
 
 
 def make_rois(image_path: Path, mask_path: Path, spec: DatasetSpec, outputs: list[Path]) -> int:
@@ -70,23 +65,29 @@ def main(argv: list[str] | None = None) -> None:
 
     spec = get_spec(args.dataset_name)
     dataset = args.dataset_path
-    pairing = pair_files(dataset, spec, args.img_format, args.mask_format)
-    pairing.check(dataset, spec)
+    pairings = {}  # the dataset, then its augmented copies: every folder checked before any is written
+    for folder in layout.data_folders(dataset):
+        pairings[folder] = pair_files(folder, spec, args.img_format, args.mask_format)
+        pairings[folder].check(folder, spec)
 
-    remove_stale_temporaries(dataset / "ROIs")  # of a run that was killed mid-write
     jobs, skipped = [], 0
-    for image, mask in pairing.pairs:
-        outputs = roi_paths(dataset / "ROIs", image, spec)
-        for out in outputs:
-            if out.is_dir():  # would pass for a finished ROI, and get_text would find none
-                raise CoTexNetError(f"{out}: a folder where the ROI of {image} goes; move it away; nothing written")
-        if not args.overwrite and all(out.exists() for out in outputs):
-            skipped += 1
-            continue
-        jobs.append((dataset / "images" / image, dataset / "masks" / mask, spec, outputs))
+    for folder, pairing in pairings.items():
+        # never the images or masks, even through a symlinked ROIs/
+        rois = OutputFolder(folder / "ROIs", input_folders=[folder / "images", folder / "masks"])
+        for image, mask in pairing.pairs:
+            outputs = [rois.path(name) for name in layout.roi_names(image, spec.categories)]
+            for out in outputs:
+                if out.is_dir():  # would pass for a finished ROI, and get_text would find none
+                    raise CoTexNetError(f"{out}: a folder where the ROI of {image} goes; move it away; nothing written")
+            if not args.overwrite and all(out.exists() for out in outputs):
+                skipped += 1
+                continue
+            jobs.append((folder / "images" / image, folder / "masks" / mask, spec, outputs))
+    for folder in pairings:
+        remove_stale_temporaries(folder / "ROIs")  # of a run that was killed mid-write
 
     cv2.setNumThreads(1)  # parallelism comes from the processes
-    pool = ProcessPoolExecutor(args.workers) if args.workers > 1 and len(jobs) > 1 else None
+    pool = ProcessPoolExecutor(args.workers, initializer=die_with_parent) if args.workers > 1 and len(jobs) > 1 else None
     empties = []
     try:
         # closed before an error propagates, so that the error stays the last line
@@ -97,9 +98,10 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)  # on a bad file: stop at once, not after the queue
+    without = sum(len(pairing.images_without_mask) for pairing in pairings.values())
     print(f"{spec.name}: {len(jobs)} images done, {skipped} skipped (ROIs already there), "
-          f"{sum(empties)} empty ROIs (all black, kept), {len(pairing.images_without_mask)} images without mask; "
-          f"ROIs in {dataset / 'ROIs'}")
+          f"{sum(empties)} empty ROIs (all black, kept), {without} images without mask; "
+          f"ROIs in {' and '.join(str(folder / 'ROIs') for folder in pairings)}")
 
 
 if __name__ == "__main__":

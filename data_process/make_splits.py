@@ -4,16 +4,20 @@
 
 pairs <dataset-path>/images with <dataset-path>/masks (as make_ROI_img.py does), shuffles the
 pairs with --seed and writes <out-dir>/train_data.csv, val_data.csv and test_data.csv, columns
-dataset,img_name,mask_name. Only this dataset's rows are replaced; rows of other datasets in
-the same files stay. Default ratios 0.8 0.1 0.1 (1000 images: 800/100/100).
+dataset,img_name,mask_name. Only this dataset's rows are replaced (those under a registry alias
+of its name too); rows of other datasets in the same files stay. Default ratios 0.8 0.1 0.1
+(1000 images: 800/100/100).
 
 mask_name is relative to <dataset-path>/masks; for a dataset with one mask per category
 (mask_layout per_category in dataset_config/datasets.yaml) it is the name the masks share in
 masks/<k or keyword>/. A mask without an image stops the run (nothing written); images
 without a mask are listed and left out.
 
-Augmented copies (listed in <dataset-path>/augmented.json by augment_data.py) are left out:
-they belong in train only, next to their source; rerun augment_data.py after a new split.
+The files are replaced as one set, by one command at a time: a second make_splits.py or
+augment_data.py on the same folder waits for the first, and a kill at any moment leaves the old
+set or the new one. Augmented copies (<out-dir>/train_augmented.csv) follow their origin: the
+copies of images that leave the train split are dropped from it; rerun augment_data.py for the
+copies of the new train images.
 
 --from-list FILE takes a given split instead: a CSV with columns img_name,split
 (split = train, val or test), such as a published split.
@@ -29,9 +33,9 @@ import numpy as np
 import pandas as pd
 
 from common.errors import CoTexNetError, run_cli
-from common.io import atomic_path, read_csv
-from data_process import layout
-from data_process.augment import augmented_images
+from common.io import read_csv
+from data_process import layout, splits
+from data_process.augment import refuse_earlier_copies
 from data_process.layout import SPLIT_COLUMNS, SPLITS
 from data_process.registry import get_spec, pair_files
 
@@ -80,13 +84,24 @@ def pairs_from_list(pairs: list[tuple[str, str]], list_csv: Path) -> dict[str, l
             for split in SPLITS}
 
 
-def merge_split(path: Path, dataset_name: str, pairs: list[tuple[str, str]]) -> pd.DataFrame:
-    """The rows of split file `path` with `dataset_name`'s rows replaced by `pairs`."""
+def merge_split(table: pd.DataFrame | None, dataset_name: str, pairs: list[tuple[str, str]]) -> pd.DataFrame:
+    """Split table `table` (None: no file yet) with `dataset_name`'s rows, and those under its
+    registry aliases, replaced by `pairs`."""
     rows = pd.DataFrame([(dataset_name, image, mask) for image, mask in pairs], columns=SPLIT_COLUMNS)
-    if not path.exists():
+    if table is None:
         return rows
-    old = read_csv(path, SPLIT_COLUMNS)[SPLIT_COLUMNS]
-    return pd.concat([old[old["dataset"] != dataset_name], rows], ignore_index=True)
+    names = {dataset_name, *get_spec(dataset_name).aliases}
+    return pd.concat([table[~table["dataset"].isin(names)], rows], ignore_index=True)
+
+
+def follow_origins(table: pd.DataFrame | None, dataset_name: str, train: list[tuple[str, str]]):
+    """The copies' table without this dataset's copies of images no longer in `train`; and how
+    many were dropped."""
+    if table is None:
+        return None, 0
+    names = {dataset_name, *get_spec(dataset_name).aliases}
+    stale = table["dataset"].isin(names) & ~table["origin"].isin({image for image, _ in train})
+    return table[~stale], int(stale.sum())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -104,23 +119,24 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     spec = get_spec(args.dataset_name)
+    refuse_earlier_copies(args.dataset_path)
     pairing = pair_files(args.dataset_path, spec, args.img_format, args.mask_format)
     pairing.check(args.dataset_path, spec)
-    copies = augmented_images(args.dataset_path)
-    pairs = [(image, mask) for image, mask in pairing.pairs if image not in copies]
     if args.from_list:
-        splits = pairs_from_list(pairs, args.from_list)
+        chosen = pairs_from_list(pairing.pairs, args.from_list)
     else:
-        splits = split_pairs(pairs, args.ratios, args.seed)
-    # read (and check) all three files before writing any
-    paths = [layout.split_csv(args.out_dir, split) for split in SPLITS]
-    tables = [merge_split(path, args.dataset_name, splits[split]) for path, split in zip(paths, SPLITS, strict=True)]
-    for path, table in zip(paths, tables, strict=True):
-        with atomic_path(path) as tmp:
-            table.to_csv(tmp, index=False)
-    counts = "/".join(str(len(splits[split])) for split in SPLITS)
+        chosen = split_pairs(pairing.pairs, args.ratios, args.seed)
+    with splits.writing(args.out_dir):
+        now = splits.read(args.out_dir)
+        name = args.dataset_name
+        tables = {split: merge_split(now.tables[split], name, chosen[split]) for split in SPLITS}
+        tables["augmented"], dropped = follow_origins(now.tables["augmented"], name, chosen["train"])
+        splits.SplitSet(now.folder, tables).of(name, args.dataset_path)  # a partition, copies included
+        splits.write(args.out_dir, tables if dropped else {split: tables[split] for split in SPLITS})
+    counts = "/".join(str(len(chosen[split])) for split in SPLITS)
     print(f"{args.dataset_name}: {counts} train/val/test pairs written to {args.out_dir}/{{train,val,test}}_data.csv"
-          + (f"; {len(copies)} augmented copies left out (rerun augment_data.py)" if copies else ""))
+          + (f"; {dropped} augmented copies of images now in val or test dropped from "
+             f"{layout.split_csv(args.out_dir, 'augmented').name} (rerun augment_data.py)" if dropped else ""))
 
 
 if __name__ == "__main__":

@@ -21,38 +21,21 @@ from torchvision import tv_tensors
 from common.errors import CoTexNetError
 from common.io import read_csv
 from data_process.layout import SPLIT_COLUMNS, stem, why_missing
-from data_process.registry import DatasetSpec, category_files, get_spec, read_image, read_mask
+from data_process.registry import DatasetSpec, category_files, read_image, read_mask
+from data_process.splits import dataset_rows, no_rows
 
 SHOW = 5  # names listed in errors
 
 
 def read_split(csv_path, dataset_name: str) -> pd.DataFrame:
-    """The rows of split CSV `csv_path` for `dataset_name` (columns dataset, img_name, mask_name).
-
-    Rows named by an alias of the dataset in the registry (the paper's published Kvasir
-    val_data.csv says kvasir_polyp) count as the dataset's, with one warning line.
-    Repeated rows are dropped with a warning; one image listed with two masks is an error."""
+    """The rows of split CSV `csv_path` for `dataset_name` (columns dataset, img_name, mask_name),
+    read as `data_process.splits.dataset_rows` reads them; none is an error naming the file."""
     csv_path = Path(csv_path)
     table = read_csv(csv_path, SPLIT_COLUMNS, missing_hint="make it with data_process/make_splits.py")
-    aliases = [alias for alias in get_spec(dataset_name).aliases if (table["dataset"] == alias).any()]
-    if aliases:
-        print(f"warning: {csv_path}: rows named {', '.join(map(repr, aliases))} read as {dataset_name!r} "
-              "(an alias in dataset_config/datasets.yaml)", file=sys.stderr)
-        table = table.assign(dataset=table["dataset"].replace(dict.fromkeys(aliases, dataset_name)))
-    rows = table[table["dataset"] == dataset_name]
+    rows = dataset_rows(table, csv_path, dataset_name)
     if rows.empty:
-        held = sorted(set(table["dataset"]))
-        raise CoTexNetError(f"{csv_path}: no rows for dataset {dataset_name!r}; it holds {held or 'no rows at all'}")
-    # A repeated row would weigh an image twice (in training) or count it twice (in metrics).
-    repeated = rows.duplicated(SPLIT_COLUMNS)
-    if repeated.any():
-        print(f"warning: {csv_path}: {repeated.sum()} repeated rows of {dataset_name} dropped, e.g. "
-              f"{rows.loc[repeated, 'img_name'].tolist()[:SHOW]}", file=sys.stderr)
-        rows = rows[~repeated]
-    clash = rows["img_name"][rows["img_name"].duplicated()].tolist()
-    if clash:
-        raise CoTexNetError(f"{csv_path}: image {clash[0]!r} of {dataset_name} is listed with two different masks")
-    return rows.reset_index(drop=True)
+        raise no_rows(csv_path, table, dataset_name)
+    return rows
 
 
 class SegDataset(torch.utils.data.Dataset):

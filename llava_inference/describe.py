@@ -88,25 +88,27 @@ class RoiItem:
 
 def list_rois(dataset_dir: Path, spec, keywords, img_format: str | None = None,
               mask_format: str | None = None) -> list[RoiItem]:
-    """Every ROI image of the dataset with its mask; `keywords` = per category (or one for binary)."""
+    """Every ROI image of the dataset with its mask, its augmented copies' too (named as in their
+    own ROIs/: a copy's name is never an original's); `keywords` = per category (or one for binary)."""
     roi_dir = dataset_dir / "ROIs"
     if not roi_dir.is_dir():
         raise CoTexNetError(f"{roi_dir}: no ROI folder (run data_process/make_ROI_img.py first)")
-    masks = {registry.image_stem(mask, spec): dataset_dir / "masks" / mask
-             for _, mask in registry.pair_files(dataset_dir, spec, img_format, mask_format).pairs}
     items = []
-    for name in layout.list_files(roi_dir, (layout.ROI_EXT,)):
-        path = roi_dir / name
-        stem, category = layout.parse_roi_name(name, bool(spec.categories))
-        if stem not in masks:
-            raise CoTexNetError(f"{path}: ROI without a mask (no mask of image {stem} in {dataset_dir / 'masks'})")
-        if spec.categories:
-            if category not in spec.categories:
-                raise CoTexNetError(f"{path}: category {category!r} is not one of {', '.join(spec.categories)}")
-            label = spec.categories.index(category) + 1
-        else:
-            label = 1
-        items.append(RoiItem(name, path, masks[stem], label, keywords[label - 1]))
+    for folder in layout.data_folders(dataset_dir):
+        masks = {registry.image_stem(mask, spec): folder / "masks" / mask
+                 for _, mask in registry.pair_files(folder, spec, img_format, mask_format).pairs}
+        for name in layout.list_files(folder / "ROIs", (layout.ROI_EXT,)) if (folder / "ROIs").is_dir() else []:
+            path = folder / "ROIs" / name
+            stem, category = layout.parse_roi_name(name, bool(spec.categories))
+            if stem not in masks:
+                raise CoTexNetError(f"{path}: ROI without a mask (no mask of image {stem} in {folder / 'masks'})")
+            if spec.categories:
+                if category not in spec.categories:
+                    raise CoTexNetError(f"{path}: category {category!r} is not one of {', '.join(spec.categories)}")
+                label = spec.categories.index(category) + 1
+            else:
+                label = 1
+            items.append(RoiItem(name, path, masks[stem], label, keywords[label - 1]))
     if not items:
         raise CoTexNetError(f"{roi_dir}: no ROI images (*{layout.ROI_EXT})")
     return items

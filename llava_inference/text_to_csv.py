@@ -16,6 +16,8 @@ those ROIs. The final CSV is written atomically, and only then are the partial f
 keywords; with a model also its folder or id, its quantisation and the decoding: constrained or
 not, temperature, answer length, seed): a rerun with other options is refused instead of mixing
 rows of two settings.
+`--overwrite` keeps the earlier CSV until the new one replaces it (a stopped overwrite leaves the
+old CSV, and its rerun goes on with the new rows only): the record says so (`REPLACING`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from llava_inference.attributes import KEYS, AnswerError, Attributes, parse_answ
 MISSING_TEXT = ("nan", "none", "null", "n/a")
 PAPER_COLUMNS = ("roi_name", "text", "text_prompt", *KEYS)
 COLUMNS = (*PAPER_COLUMNS, "source", "tries")
+REPLACING = "replacing_earlier_csv"  # in the record while an --overwrite runs: the CSV's rows are not its
 
 
 def plural(keyword: str) -> str:
@@ -127,6 +130,12 @@ def _recorded_settings(path: Path) -> dict | None:
     return recorded if isinstance(recorded, dict) else {}
 
 
+def _replacing(out: Path) -> bool:
+    """Whether an --overwrite of `out` is under way (its rows are then not the new run's)."""
+    record = settings_path(out)
+    return record.is_file() and bool((_recorded_settings(record) or {}).get(REPLACING))
+
+
 def start_output(out: str | Path, settings: dict, overwrite: bool, earlier_defaults: dict | None = None) -> None:
     """Before the first row (main process only): remove what a killed write of this CSV left;
     with `overwrite` remove the earlier final and partial CSVs, else refuse their rows if they were
@@ -137,9 +146,10 @@ def start_output(out: str | Path, settings: dict, overwrite: bool, earlier_defau
     if out.is_dir():
         raise CoTexNetError(f"{out}: a folder, not a CSV file; move it away or pass another --out")
     remove_stale_temporaries(out.parent, (out.name, record.name))
-    earlier = ([out] if out.exists() else []) + _partials(out)
-    if overwrite:
-        for path in earlier:
+    replacing = overwrite or _replacing(out)
+    earlier = ([out] if out.exists() and not replacing else []) + _partials(out)
+    if overwrite:  # the earlier CSV stays until the new one replaces it
+        for path in _partials(out):
             try:
                 path.unlink()
             except OSError as err:
@@ -157,7 +167,7 @@ def start_output(out: str | Path, settings: dict, overwrite: bool, earlier_defau
             raise CoTexNetError(f"{out}: its {rows} earlier rows were made with {_options(recorded)}, this run asks "
                                 f"for {_options(settings)}; rerun with --overwrite to describe every ROI again, "
                                 "or with the earlier options to continue")
-    write_json(record, settings)
+    write_json(record, {**settings, REPLACING: True} if replacing else settings)
 
 
 class ResultWriter:
@@ -188,8 +198,8 @@ class ResultWriter:
 
     def _finished_rows(self) -> dict[str, dict]:
         rows = {}
-        # A finished earlier run counts as done too; partial rows are newer, so they win.
-        if self.out.exists():
+        # A finished earlier run counts as done too (unless --overwrite replaces it); partial rows are newer.
+        if self.out.exists() and not _replacing(self.out):
             rows.update({row["roi_name"]: row for row in _read_complete_rows(self.out, partial=False)})
         for path in _partials(self.out):
             rows.update({row["roi_name"]: row for row in _read_complete_rows(path, partial=True)})
@@ -223,6 +233,9 @@ class ResultWriter:
         table = pd.DataFrame([self.rows[name] for name in order], columns=COLUMNS)
         with atomic_path(self.out) as tmp:
             table.to_csv(tmp, index=False)
+        if _replacing(self.out):  # a kill before this line: the rerun describes them again
+            recorded = _recorded_settings(settings_path(self.out))
+            write_json(settings_path(self.out), {key: value for key, value in recorded.items() if key != REPLACING})
         self.discard_partials(self.out)
         return table
 

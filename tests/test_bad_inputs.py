@@ -1108,6 +1108,175 @@ CASES += [
 ]
 
 
+# --- data safety: inputs are never outputs, files that commands share, splits a partition --------
+def keep(*rels: str):
+    """Copies of files under ws (to ws/kept/), taken once the case is set up: `untouched` compares."""
+    def setup(ws: Path, b) -> None:
+        for rel in rels:
+            (ws / "kept" / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(ws / rel, ws / "kept" / rel)
+    return setup
+
+
+def untouched(*rels: str):
+    def check(ws: Path, result: dict) -> None:
+        for rel in rels:
+            assert (ws / rel).read_bytes() == (ws / "kept" / rel).read_bytes(), f"{rel} was written"
+    return check
+
+
+def checks(*all_checks):
+    def check(ws: Path, result: dict) -> None:
+        for one in all_checks:
+            one(ws, result)
+    return check
+
+
+def symlink(link: str, target: str):
+    def setup(ws: Path, b) -> None:
+        (ws / link).parent.mkdir(parents=True, exist_ok=True)
+        (ws / link).symlink_to(ws / target, target_is_directory=True)
+    return setup
+
+
+def split_rows(split: str, rows, folder: str = "splits"):
+    """ws/<folder>/<split>_data.csv (split "augmented": train_augmented.csv) holds `rows`, with {ws} and {root}
+    filled in."""
+    def setup(ws: Path, b) -> None:
+        columns = ["dataset", "img_name", "mask_name", *(["origin", "op"] if split == "augmented" else [])]
+        name = "train_augmented.csv" if split == "augmented" else f"{split}_data.csv"
+        filled = [tuple(str(v).format(ws=ws, root=b.root) for v in row) for row in rows]
+        (ws / folder).mkdir(parents=True, exist_ok=True)
+        write_csv(filled, columns)(ws / folder / name)
+    return setup
+
+
+def run_pointed_at(splits: str = "splits"):
+    return run_copy(lambda r: run_config(f"DATASET.split_dir={r.parent / splits}")(r))
+
+
+def overlap(form=lambda name, b: name):
+    """ws/splits: the training splits with val's first image (syn_0008.jpg) in train too, named by `form`."""
+    def setup(ws: Path, b) -> None:
+        splits(edit_csv(lambda t: pd.concat([t, t.iloc[:1].assign(img_name=form("syn_0008.jpg", b),
+                                                                   mask_name="syn_0008.jpg")])))(ws, b)
+    return setup
+
+
+def interrupted_update(ws: Path, b) -> None:
+    """ws/splits as a make_splits.py killed after its commit point leaves them: val replaced by a
+    mix (train's first image), the new val staged under a temporary name, the journal naming it."""
+    val = ws / "splits" / "val_data.csv"
+    (ws / "splits" / ".val_data.csv.k3j4h5g6.tmp.csv").write_bytes(val.read_bytes())
+    write_csv([("synthetic", "syn_0000.jpg", "syn_0000.jpg")])(val)
+    (ws / "splits" / ".split_files.publish.json").write_text(
+        json.dumps({"files": {"val_data.csv": ".val_data.csv.k3j4h5g6.tmp.csv"}}))
+
+
+def val_restored(ws: Path, result: dict) -> None:
+    assert pd.read_csv(ws / "splits" / "val_data.csv")["img_name"].tolist() == ["syn_0008.jpg", "syn_0009.jpg"]
+    assert not (ws / "splits" / ".split_files.publish.json").exists()
+
+
+def earlier_evaluation(ws: Path, b) -> None:
+    (ws / "eval" / "masks").mkdir(parents=True)
+    (ws / "eval" / "masks" / "gone.png").write_bytes(b"an image no longer in the split")
+    (ws / "eval" / "metrics.json").write_text("{}")
+
+
+def evaluated_anew(ws: Path, result: dict) -> None:
+    assert sorted(p.name for p in (ws / "eval" / "masks").iterdir()) == ["syn_0010.png", "syn_0011.png"]
+    assert json.loads((ws / "eval" / "metrics.json").read_text())["images"] == 2
+
+
+def alias_overlap(ws: Path, b) -> None:
+    """ws/data/kvasir (the synthetic pairs) whose test rows, under the alias kvasir_polyp, repeat a train image."""
+    shutil.copytree(b.root / "synthetic", ws / "data" / "kvasir")
+    split_rows("train", [("kvasir", f"syn_000{i}.jpg", f"syn_000{i}.jpg") for i in range(4)])(ws, b)
+    split_rows("test", [("kvasir_polyp", f"syn_000{i}.jpg", f"syn_000{i}.jpg") for i in (3, 4)])(ws, b)
+
+
+def copies_made(ws: Path, result: dict) -> None:
+    assert len(pd.read_csv(ws / "splits" / "train_augmented.csv")) == 4
+
+
+EVAL_ARGS = "--run {ws}/run --out {ws}/eval"
+SAFETY_CASES = [
+    # inputs are never outputs ---------------------------------------------------------------------
+    Case("inputs_eval_rows_by_absolute_path", both(eval_data({"a.png": "a.png"}), split_rows("test", [(
+        "synthetic", "{ws}/data/synthetic/images/a.png", "a.png")]), keep("data/synthetic/images/a.png")),
+         "evaluate.py", EVAL_ARGS, 0, ("summary: ",),
+         check=checks(untouched("data/synthetic/images/a.png"), masks_written("a.png"))),
+    Case("inputs_eval_row_outside_the_images", both(eval_data({"syn_0010.jpg": "syn_0010.jpg"}), split_rows(
+        "test", [("synthetic", "../masks/syn_0010.jpg", "syn_0010.jpg")])), "evaluate.py", EVAL_ARGS, 2,
+         ("{ws}/splits/test_data.csv: img_name of synthetic: '../masks/syn_0010.jpg' leaves the folder",), ("eval",)),
+    Case("inputs_eval_out_is_the_dataset_folder", both(eval_data({"syn_0010.jpg": "syn_0010.png"}),
+                                                       keep("data/synthetic/masks/syn_0010.png")), "evaluate.py",
+         "--run {ws}/run --out {ws}/data/synthetic", 2, ("--out {ws}/data/synthetic: holds the input",),
+         check=untouched("data/synthetic/masks/syn_0010.png")),
+    Case("inputs_eval_out_symlinked_into_the_images", both(eval_data({"syn_0010.jpg": "syn_0010.jpg"}),
+                                                           symlink("link", "data/synthetic/images")), "evaluate.py",
+         "--run {ws}/run --out {ws}/link", 2, ("--out {ws}/link: inside the input folder",),
+         ("data/synthetic/images/masks", "data/synthetic/images/*.png")),
+    Case("inputs_eval_out_is_the_run_folder", run_copy(), "evaluate.py", "--run {ws}/run --out {ws}/run", 2,
+         ("--out {ws}/run: holds the input",), ("run/masks", "run/per_image.csv")),
+    Case("inputs_predict_overlays_symlinked_to_the_inputs", both(predict_inputs("a.png", "b.png"),
+                                                                 symlink("out/overlays", "in"), keep("in/a.png")),
+         "predict.py", "--run {run} --input {ws}/in --output {ws}/out --overlay", 2,
+         ("{ws}/out/overlays/a.png: leads out of {ws}/out through a symlink",), ("out/*.png",),
+         check=untouched("in/a.png")),
+    Case("inputs_roi_folder_symlinked_to_the_images", both(dataset(), symlink("ds/ROIs", "ds/images"),
+                                                           keep("ds/images/syn_0000.jpg")), ROI, ROI_ARGS, 2,
+         ("{ws}/ds/ROIs: inside the input folder",), check=untouched("ds/images/syn_0000.jpg")),
+    Case("inputs_run_name_leaves_the_run_dir", config("TRAIN.run_name=../escaped"), "train.py", TRAIN_ARGS, 2,
+         ("../escaped: an output name must stay inside {ws}/runs",), ("escaped",)),
+    Case("inputs_run_dir_in_the_images", both(lambda ws, b: shutil.copytree(b.root / "synthetic", ws / "data/synthetic"),
+                                              config("DATASET.root_dir={ws}/data",
+                                                     "TRAIN.run_dir={ws}/data/synthetic/images")), "train.py",
+         TRAIN_ARGS, 2, ("TRAIN.run_dir {ws}/data/synthetic/images: inside the input folder",),
+         ("data/synthetic/images/r",)),
+    # files that several commands write ------------------------------------------------------------
+    Case("shared_interrupted_update_finished_by_the_next_reader", both(splits(lambda p: None), interrupted_update),
+         "train.py", TRAIN_ARGS, 0, (), check=checks(run_finished, val_restored)),
+    Case("shared_eval_replaces_the_earlier_evaluation_whole", both(eval_data({"syn_0010.jpg": "syn_0010.jpg",
+                                                                             "syn_0011.jpg": "syn_0011.jpg"}),
+                                                                   earlier_evaluation),
+         "evaluate.py", EVAL_ARGS, 0, ("summary: ",), check=evaluated_anew),
+    Case("shared_eval_out_holds_something_else", files(**{"mine/notes.txt": "a researcher's notes"}), "evaluate.py",
+         "--run {run} --out {ws}/mine", 2, ("--out {ws}/mine: exists and is not an output of this command",),
+         ("mine/masks", "mine/metrics.json")),
+    # splits are a partition -----------------------------------------------------------------------
+    Case("partition_train_on_overlapping_splits", overlap(), "train.py", TRAIN_ARGS, 2,
+         ("{ws}/splits/val_data.csv: image 'syn_0008.jpg' of synthetic is also in {ws}/splits/train_data.csv "
+          "(1 image in two splits)", "DATASET.allow_split_overlap=true"), NO_RUN),
+    Case("partition_overlap_allowed", both(overlap(), config("DATASET.split_dir={ws}/splits",
+                                                             "DATASET.allow_split_overlap=true")),
+         "train.py", TRAIN_ARGS, 0, (), check=run_finished),
+    Case("partition_overlap_by_another_path_form", overlap(lambda name, b: f"./{name}"), "train.py", TRAIN_ARGS, 2,
+         ("image 'syn_0008.jpg' of synthetic is also in",), NO_RUN),
+    Case("partition_overlap_by_absolute_path", overlap(lambda name, b: str(b.root / "synthetic" / "images" / name)), "train.py",
+         TRAIN_ARGS, 2, ("image 'syn_0008.jpg' of synthetic is also in",), NO_RUN),
+    Case("partition_copy_of_a_val_image", both(splits(lambda p: None), split_rows("augmented", [(
+        "synthetic", "syn_0008_aug-hflip.jpg", "syn_0008_aug-hflip.jpg", "syn_0008.jpg", "hflip")])), "train.py",
+         TRAIN_ARGS, 2, ("{ws}/splits/train_augmented.csv: 'syn_0008_aug-hflip.jpg' is a training copy of "
+                         "'syn_0008.jpg', which is in {ws}/splits/val_data.csv",), NO_RUN),
+    Case("partition_eval_on_overlapping_splits", both(overlap(), run_pointed_at()), "evaluate.py", EVAL_ARGS, 2,
+         ("val_data.csv: image 'syn_0008.jpg' of synthetic is also in",), ("eval",)),
+    Case("partition_eval_overlap_allowed", both(overlap(), run_pointed_at()), "evaluate.py",
+         EVAL_ARGS + " --allow-split-overlap", 0, ("summary: ",)),
+    Case("partition_eval_overlap_through_an_alias", alias_overlap, "evaluate.py", "--run {run} --dataset kvasir "
+         "--root {ws}/data --split-dir {ws}/splits --out {ws}/eval", 2,
+         ("{ws}/splits/test_data.csv: image 'syn_0003.jpg' of kvasir is also in {ws}/splits/train_data.csv",),
+         ("eval",)),
+    Case("partition_augment_overlap_allowed", both(dataset(), split_rows("train", [
+        ("synthetic", f"syn_000{i}.jpg", f"syn_000{i}.jpg") for i in range(4)]), split_rows("val", [
+            ("synthetic", "syn_0003.jpg", "syn_0003.jpg")])), "data_process/augment_data.py",
+         "--dataset-name synthetic --dataset-path {ws}/ds --split-dir {ws}/splits --ops hflip --workers 1 "
+         "--allow-split-overlap", 0, ("4 copies written",), check=copies_made),
+]
+CASES += SAFETY_CASES
+
+
 @pytest.fixture(scope="module")
 def base(synthetic_root, train_setup, tmp_path_factory):  # noqa: F811
     """Inputs shared by the cases, built once: a 4-image dataset with ROIs, a 2-image label-map

@@ -1,6 +1,7 @@
 """SIGTERM (kill, a job scheduler) stops make_ROI_img.py and get_text.py as Ctrl-C does: exit 130,
 "interrupted", no half-written file under any name, and the rerun finishes with what a run
-that was never stopped writes. Real subprocesses, signalled while they write."""
+that was never stopped writes. SIGTERM or kill -9 during an --overwrite leaves each ROI, and the
+text CSV, old or new. Real subprocesses, signalled while they write."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 
 from data_process.make_synthetic import make_synthetic
@@ -134,6 +136,65 @@ def test_overwrite_stopped_then_rerun_without_it_never_mixes_settings(clean, tmp
     rc, err = terminate_when(proc, lambda: partial.exists() and partial.read_bytes().count(b"\n") > 30, "get_text")
     assert rc == 130, err[-2000:]
     rerun = start("get_text.py", *args)
+    _, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err[-2000:]
+    prompts = out.read_text().splitlines()[1:]
+    assert len(prompts) == 200 and all("lesion" in line and "polyp" not in line for line in prompts)
+
+
+# ---------------------------------------------------------------- kill -9 and SIGTERM over an earlier set
+
+def earlier_rois(data: Path) -> dict[str, bytes]:
+    """ROIs/ as an earlier run with other masks left it: a grey picture per image."""
+    shutil.rmtree(data / "ROIs", ignore_errors=True)
+    (data / "ROIs").mkdir()
+    grey = cv2.imencode(".jpg", 128 * np.ones((8, 8, 3), np.uint8))[1].tobytes()
+    for name in roi_ids(data / "images"):
+        (data / "ROIs" / name).write_bytes(grey)
+    return {name: grey for name in roi_ids(data / "ROIs")}
+
+
+@pytest.mark.parametrize("stop", ["SIGKILL", "SIGTERM"])
+def test_make_roi_overwrite_stopped_leaves_each_roi_old_or_new(big, clean, tmp_path, stop):
+    data = tmp_path / "synthetic"
+    shutil.copytree(big, data)
+    new = {name: (clean / "ROIs" / name).read_bytes() for name in roi_ids(clean / "ROIs")}
+    for target in (1, 40, 120) if stop == "SIGKILL" else (40,):
+        old = earlier_rois(data)
+        proc = start("data_process/make_ROI_img.py", "--dataset-name", "synthetic", "--dataset-path", data,
+                     "--workers", 2, "--overwrite")
+        while proc.poll() is None and sum((data / "ROIs" / n).read_bytes() != old[n] for n in old) < target:
+            time.sleep(0.002)
+        proc.send_signal(getattr(signal, stop))
+        proc.communicate(timeout=120)
+        assert proc.returncode == (-signal.SIGKILL if stop == "SIGKILL" else 130)
+        now = {name: (data / "ROIs" / name).read_bytes() for name in roi_ids(data / "ROIs") if name[0] != "."}
+        assert set(now) == set(old) and all(now[n] in (old[n], new[n]) for n in now)  # each ROI old or new
+        assert 0 < sum(now[n] == new[n] for n in now) < 200  # stopped half-way
+    rerun = start("data_process/make_ROI_img.py", "--dataset-name", "synthetic", "--dataset-path", data,
+                  "--workers", 2, "--overwrite")
+    assert rerun.wait(timeout=300) == 0 and not temporaries(data)
+    assert {name: (data / "ROIs" / name).read_bytes() for name in roi_ids(data / "ROIs")} == new
+
+
+@pytest.mark.parametrize("stop", ["SIGKILL", "SIGTERM"])
+def test_get_text_overwrite_stopped_keeps_the_earlier_csv_until_the_new_one_replaces_it(clean, tmp_path, stop):
+    data = tmp_path / "synthetic"
+    shutil.copytree(clean, data)
+    out, earlier = data / "text.csv", (data / "text.csv").read_bytes()
+    partial = out.with_name("text.partial.csv")
+    args = ("--dataset-name", "synthetic", "--dataset-path", data, "--describer", "geometry", "--out", out,
+            "--keywords", "lesion")
+    proc = start("get_text.py", *args, "--overwrite")
+    deadline = time.monotonic() + 240
+    while not (partial.exists() and partial.read_bytes().count(b"\n") > 30):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.002)
+    proc.send_signal(getattr(signal, stop))
+    proc.communicate(timeout=120)
+    assert proc.returncode == (-signal.SIGKILL if stop == "SIGKILL" else 130)
+    assert out.read_bytes() == earlier  # the old CSV, whole, for whoever reads it now
+    rerun = start("get_text.py", *args)  # goes on with the new rows only
     _, err = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, err[-2000:]
     prompts = out.read_text().splitlines()[1:]

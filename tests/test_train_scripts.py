@@ -296,14 +296,20 @@ def test_resume_of_a_run_killed_in_its_first_epoch(train_setup, tmp_path, capsys
 def test_resume_refuses_a_training_split_that_grew(train_setup, tmp_path):  # noqa: F811
     """The cosine schedule spans epochs x steps of the split the run started with: a resumed run on
     a larger split would run its lr past the end of the schedule."""
-    splits = tmp_path / "splits"
+    splits, data = tmp_path / "splits", tmp_path / "data" / "synthetic"
     shutil.copytree(train_setup["work"], splits, ignore=shutil.ignore_patterns("runs", "tiny_clipseg"))
-    overrides = [f"DATASET.split_dir={splits}", f"TRAIN.run_dir={tmp_path}", "TRAIN.run_name=grow", "TRAIN.epochs=2",
-                 "TRAIN.num_overlays=0"]
+    shutil.copytree(train_setup["root"] / "synthetic", data)
+    extra = [f"extra_{n}" for n in train_setup["names"][:4]]  # 8 -> 12 images: 3 steps of 4; never in val or test
+    for name, source in zip(extra, train_setup["names"], strict=False):
+        for sub in ("images", "masks"):
+            shutil.copy(data / sub / source, data / sub / name)
+    text = pd.read_csv(splits / "text.csv")
+    pd.concat([text, text.iloc[:4].assign(roi_name=extra)]).to_csv(splits / "text.csv", index=False)
+    overrides = [f"DATASET.split_dir={splits}", f"DATASET.root_dir={data.parent}", f"DATASET.text_csv={splits / 'text.csv'}",
+                 f"TRAIN.run_dir={tmp_path}", "TRAIN.run_name=grow", "TRAIN.epochs=2", "TRAIN.num_overlays=0"]
     run_script("train.py", "--config", train_setup["config"], *overrides)
     train_csv = splits / "train_data.csv"
     table = pd.read_csv(train_csv)
-    extra = [n for n in train_setup["names"] if n not in set(table["img_name"])][:4]  # 8 -> 12 images: 3 steps of 4
     pd.concat([table, pd.DataFrame(dict(dataset="synthetic", img_name=extra, mask_name=extra))]).to_csv(train_csv,
                                                                                                      index=False)
     result = run_script("train.py", "--resume", tmp_path / "grow", check=False)

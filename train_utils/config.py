@@ -40,6 +40,8 @@ class DatasetConfig:
     text_csv: str | list[str] = ""  # "" = text_file/<dataset_name>/<dataset_name>_text_out.csv; a list: one per dataset
     keyword: str | None = None  # only for datasets the registry does not know
     binarize: str = "registry"  # registry: the dataset's mask threshold on the brightest channel; paper: 8-bit grey first
+    augmented: bool = True  # also train on the copies in <split_dir>/train_augmented.csv (augment_data.py)
+    allow_split_overlap: bool = False  # an image in two splits is an error unless true (a benchmark that means it)
 
 
 @dataclass

@@ -1,61 +1,78 @@
-"""Datasets and loaders of a run, from its config: the splits, the prompts, the transforms;
-images without masks for prediction; skipping unreadable files in evaluation and prediction."""
+"""Datasets and loaders of a run, from its config: the splits (and the train split's augmented
+copies), the prompts, the transforms; images without masks for prediction; skipping unreadable
+files in evaluation and prediction."""
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
-import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from torchvision import tv_tensors
 
 from common.errors import CoTexNetError
-from common.io import read_csv, write_text
-from data_process.layout import SPLIT_COLUMNS, SPLITS, split_csv
-from data_process.my_dataset import SegDataset, collate, read_split
+from common.io import write_text
+from data_process import splits
+from data_process.layout import AUGMENTED, dataset_dir
+from data_process.my_dataset import SegDataset, collate
 from data_process.registry import get_spec, read_image
 from data_process.transforms import eval_transform, train_transform
 from train_utils.config import Config
+
+_SNAPSHOTS: dict[int, tuple[weakref.ref, dict]] = {}  # id(config) -> (the config, dataset -> its splits)
+
+
+def dataset_splits(cfg: Config, name: str | None = None) -> splits.DatasetSplits:
+    """Dataset `name`'s rows in the split files (default: the configured one, or the first of
+    several), checked to be a partition unless DATASET.allow_split_overlap. The files are read
+    once per config: every split of a run comes from one moment of the files."""
+    d, name = cfg.DATASET, name or cfg.datasets()[0]
+    for key in [key for key, (ref, _) in _SNAPSHOTS.items() if ref() is None]:
+        del _SNAPSHOTS[key]
+    ref, read = _SNAPSHOTS.get(id(cfg), (None, {}))
+    if ref is None or ref() is not cfg:
+        ref, read = _SNAPSHOTS[id(cfg)] = (weakref.ref(cfg), {})
+    if name not in read:
+        read[name] = splits.read(d.split_dir).of(name, dataset_dir(d.root_dir, name), d.allow_split_overlap)
+    return read[name]
 
 
 def split_frame(cfg: Config, split: str, name: str | None = None):
     """The rows of `split` for dataset `name` (default: the configured one, or the first of several);
     the training split subsampled by `train_data_ratio` (a seeded random subset, in the split file's
     order). Split "all": the three splits that hold the dataset, each image once."""
-    d, name = cfg.DATASET, name or cfg.datasets()[0]
+    mine = dataset_splits(cfg, name)
     if split == "all":
-        return _all_splits(d.split_dir, name)
-    frame = read_split(split_csv(d.split_dir, split), name)
+        return mine.union(cfg.DATASET.split_dir)
+    frame = mine.split(split)
     if split == "train" and cfg.TRAIN.train_data_ratio < 1:
         keep = max(1, round(len(frame) * cfg.TRAIN.train_data_ratio))
         frame = frame.sample(n=keep, random_state=cfg.TRAIN.random_seed).sort_index()
     return frame
 
 
-def _all_splits(split_dir, name: str) -> pd.DataFrame:
-    # A dataset kept for cross-dataset evaluation often has rows in one split only (test).
-    paths = [split_csv(split_dir, split) for split in SPLITS]
-    frames = [read_split(path, name) for path in paths
-              if path.is_file() and (read_csv(path, SPLIT_COLUMNS)["dataset"] == name).any()]
-    if not frames:
-        raise CoTexNetError(f"{split_dir}: no split CSV ({', '.join(p.name for p in paths)}) has rows for dataset "
-                            f"{name!r}")
-    frame = pd.concat(frames, ignore_index=True).drop_duplicates(["img_name", "mask_name"])
-    clash = frame["img_name"][frame["img_name"].duplicated()].tolist()
-    if clash:
-        raise CoTexNetError(f"{split_dir}: image {clash[0]!r} of {name} is listed with two different masks "
-                            "in different splits")
-    return frame.reset_index(drop=True)
+class WithCopies(ConcatDataset):
+    """The train images of a dataset, then their augmented copies (train_augmented.csv)."""
+
+    def __init__(self, originals: SegDataset, copies: SegDataset):
+        super().__init__([originals, copies])
+        self.folder = originals.folder
 
 
-def dataset(cfg: Config, split: str, tokenizer=None, prompts=None, name: str | None = None) -> SegDataset:
+def dataset(cfg: Config, split: str, tokenizer=None, prompts=None, name: str | None = None):
     """A split of dataset `name` (default: the configured one) as a SegDataset; the train split gets
-    the random transform and the text."""
+    the random transform and the text, and its images' augmented copies unless DATASET.augmented is false."""
     d, size, name = cfg.DATASET, cfg.TRAIN.input_size, name or cfg.datasets()[0]
     transform = train_transform(size) if split == "train" else eval_transform(size)
-    return SegDataset(d.root_dir, name, split_frame(cfg, split, name), spec(cfg, name), transform,
-                      tokenizer=tokenizer, prompts=prompts, binarize=d.binarize)
+    frame = split_frame(cfg, split, name)
+    found = SegDataset(d.root_dir, name, frame, spec(cfg, name), transform, tokenizer=tokenizer, prompts=prompts,
+                       binarize=d.binarize)
+    copies = dataset_splits(cfg, name).copies_of(frame) if split == "train" and d.augmented else []
+    if not len(copies):
+        return found
+    return WithCopies(found, SegDataset(d.root_dir, f"{name}/{AUGMENTED}", copies, spec(cfg, name), transform,
+                                        tokenizer=tokenizer, prompts=prompts, binarize=d.binarize))
 
 
 def spec(cfg: Config, name: str | None = None):

@@ -1,5 +1,6 @@
-"""A run folder's state on disk: best/ and crash-safe last/ checkpoints, every RNG, resuming
-a run exactly where its last/ left it, and loading a trained run for evaluation or prediction.
+"""A run folder's state on disk: its exclusive creation, best/ and crash-safe last/ checkpoints,
+every RNG, resuming a run exactly where its last/ left it, and loading a trained run for
+evaluation or prediction.
 
 Checkpoints are written by the main process only.
 """
@@ -10,15 +11,18 @@ import contextlib
 import pickle
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 
 from common.errors import CoTexNetError
-from common.io import atomic_path
+from common.io import OutputFolder, atomic_path, claim_folder, stop_point
+from data_process import layout
 from model.checkpoint import load_checkpoint, load_weights_into, save_checkpoint
 from train_utils.config import Config, load_config
 from train_utils.early_stopping import EarlyStopping
@@ -27,6 +31,32 @@ if TYPE_CHECKING:
     from train_utils.loops import Training
 
 STATE_FILE = "training_state.pt"
+
+
+def run_folder(cfg: Config) -> Path:
+    """The folder of a new run, TRAIN.run_dir/TRAIN.run_name (default: <datasets>_<date-time>),
+    checked before anything is written: a name that stays in TRAIN.run_dir, outside every
+    dataset's images/ and masks/, and a given name free."""
+    t = cfg.TRAIN
+    inputs = [layout.dataset_dir(cfg.DATASET.root_dir, name) / sub for name in cfg.datasets() for sub in ("images", "masks")]
+    run = OutputFolder(t.run_dir, "TRAIN.run_dir", input_folders=inputs).path(
+        t.run_name or f"{'+'.join(cfg.datasets())}_{time.strftime('%Y%m%d-%H%M%S')}")
+    if t.run_name and run.exists() and not run.is_dir():
+        raise CoTexNetError(f"{run}: exists and is a file, not a run folder; choose another TRAIN.run_name")
+    if t.run_name and run.exists() and any(run.iterdir()):
+        raise CoTexNetError(f"{run}: exists and is not empty; choose another TRAIN.run_name, or --resume {run}")
+    return run
+
+
+def create_run(run: Path, config_yaml: str, accelerator: Accelerator, default_name: bool) -> Path:
+    """Claim the run folder with its config.yaml (`common.io.claim_folder`): of two runs started
+    at once, with a default name the second takes <name>-2; with a given name it stops. Every
+    process gets the folder the main process claimed."""
+    claimed = [str(claim_folder(run, "config.yaml", config_yaml.encode("utf-8"), default_name))
+               if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(claimed)
+    return Path(claimed[0])
 
 
 def rng_state(generator: torch.Generator) -> dict:
@@ -65,10 +95,12 @@ def save_last(run: Path, model, optimizer, scheduler, accelerator: Accelerator, 
     with atomic_path(tmp / STATE_FILE) as path:
         torch.save(dict(epoch=epoch, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                         scaler=scaler, early_stopping=stopper.state_dict(), rng=rng_state(generator)), path)
+    stop_point("save_last:written")
     shutil.rmtree(old, ignore_errors=True)
     if last.exists():
         last.rename(old)
     # A kill here leaves no last/ but two complete folders: .last.tmp (this epoch) and .last.old.
+    stop_point("save_last:moved")
     tmp.rename(last)
     shutil.rmtree(old, ignore_errors=True)
 
