@@ -8,7 +8,8 @@ The prediction (made at the training input size) is resized back to each image's
 before the metrics, so the figures compare with work that evaluates at full resolution.
 Writes to RUN_DIR/eval_<split>/ (another dataset: RUN_DIR/eval_<dataset>_<split>/; or --out):
 masks/<image stem>.png (sub-folders kept), overlays/ (the first --overlays images: image | truth | prediction),
-per_image.csv and metrics.json. Evaluation uses the images only: another dataset needs no text. Binary runs
+per_image.csv, metrics.json, and report.html (train_utils/report_page.py: every image's picture from gallery/,
+the metrics with confidence intervals; it also rewrites the run's report.html). Evaluation uses the images only: another dataset needs no text. Binary runs
 also get the paper's figures (paper_dice, ...: soft Dice on probabilities, means over batches).
 --describe adds concept.csv (model/concept_readout.py: the attribute sentence the model sees, from
 the image and its PREDICTED mask) and, in metrics.json and the printout, each attribute's agreement
@@ -34,7 +35,7 @@ from data_process.layout import SPLITS
 from data_process.registry import get_spec, read_image, read_mask
 from data_process.splits import KINDS
 from model.concept_readout import CSV_COLUMNS, agreement, predicted_foreground, readout, write_csv
-from train_utils import data, reporting
+from train_utils import data, gallery, report_page, reporting
 from train_utils.config import PROTOCOLS, apply_protocol
 from train_utils.inference import predict_batches
 from train_utils.metrics import (
@@ -153,6 +154,8 @@ def main(argv: list[str] | None = None) -> None:
                     batch_rows[-1]["paper_dice"] = paper_image_dice(stats[-1])
                 stem = layout.stem(name)  # with its sub-folder: sub/a.jpg and other/a.jpg write apart
                 reporting.write_mask(out.path(f"masks/{stem}.png"), pred.numpy(), k)
+                gallery.write_picture(out.path(gallery.picture_path("gallery", name).as_posix()),
+                                      read_image(folder / "images" / name), truth.numpy(), pred.numpy())
                 if accelerator.is_main_process and overlays < args.overlays:
                     image = read_image(folder / "images" / name)
                     reporting.write_overlay(out.path(f"overlays/{stem}.png"), image, truth.numpy(), pred.numpy())
@@ -201,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
             raise CoTexNetError(f"{args.split} split of {cfg.DATASET.dataset_name}: no images evaluated")
     if accelerator.is_main_process:
         out = target_folder.folder
+        print(f"report: {report_page.write_report(out, args.run)} (the run's: {report_page.write_report(args.run)})")
         print(reporting.format_table({args.split: summary}))
         if described:
             print("\n" + reporting.format_agreement(described["concept"]) + f"\nper image: {out / 'concept.csv'}")

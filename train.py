@@ -7,7 +7,8 @@
   accelerate launch --num_processes 4 train.py ...  # several GPUs (or nodes)
 
 Everything goes to runs/<name>/: config.yaml (resolved), log.csv (one row per epoch),
-curves.png, best/ and last/ checkpoints, overlays/, metrics.json, test_per_image.csv.
+curves.png, best/ and last/ checkpoints, overlays/, metrics.json, test_per_image.csv, val_per_image.csv,
+report.html (train_utils/report_page.py; the pictures of its gallery of the test split in test_gallery/).
 DATASET.dataset_name=[kvasir,clinicdb] trains on both at once (metrics per dataset and overall).
 Ctrl-C or SIGTERM finishes the current epoch, saves last/ and exits with status 130
 (a second one quits at once).
@@ -27,7 +28,7 @@ from common.io import write_json
 from data_process.registry import REGISTRY_FILE, known_datasets
 from model.checkpoint import load_checkpoint
 from model.CoTexNet import CoTexNet
-from train_utils import data, multi, reporting, run_state
+from train_utils import data, multi, report_page, reporting, run_state
 from train_utils.config import PROTOCOLS, load_config
 from train_utils.loops import Outcome, Training, evaluate, fit
 from train_utils.losses import CoTexNetLoss
@@ -126,13 +127,15 @@ def main(argv: list[str] | None = None) -> None:
     results, per_image = {}, {}
     for split, split_loader in (("val", val_loader), ("test", test_loader)):
         per_image[split], results[split], _ = evaluate(model, split_loader, accelerator, cfg.DATASET.num_classes,
-                                                       names, desc=split)
+                                                       names, desc=split, pictures=run / "test_gallery" if split == "test" else None)
     if main_process:
         best_epoch = extra["epoch"] if best else None
         several = dict(datasets=cfg.datasets(), select_overall=cfg.TRAIN.select_overall) if multi.is_multi(cfg) else {}
         write_json(run / "metrics.json", dict(best_epoch=best_epoch, select_metric=cfg.TRAIN.select_metric,
                                               resolution=cfg.TRAIN.input_size, **several, **results))
         reporting.write_csv(run / "test_per_image.csv", per_image["test"])
+        reporting.write_csv(run / "val_per_image.csv", per_image["val"])
+        print(f"report: {report_page.write_report(run)}")
         print(f"\nbest epoch: {best_epoch}  (metrics at {cfg.TRAIN.input_size}x{cfg.TRAIN.input_size}; "
               f"evaluate.py gives them at the original image size)")
         print(reporting.format_table(multi.table(results)))

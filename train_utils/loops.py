@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from common.errors import CoTexNetError
 from model.feature_cache import FeatureCache
-from train_utils import multi, reporting
+from train_utils import gallery, multi, reporting
 from train_utils.config import Config
 from train_utils.early_stopping import EarlyStopping
 from train_utils.inference import labels_at
@@ -104,13 +104,15 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, accelerator:
 
 @torch.no_grad()
 def evaluate(model, loader, accelerator: Accelerator, num_classes: int, class_names=None,
-             cache: FeatureCache | None = None, hd95: bool = True, keep: int = 0, desc: str = "eval"):
+             cache: FeatureCache | None = None, hd95: bool = True, keep: int = 0, desc: str = "eval",
+             pictures: Path | None = None):
     """Metrics of every image of `loader` on the evaluation path (images only, no text), at the
     size of its labels (the training input size).
 
     `cache`: frozen ViT features by image file, reused on later calls (validation every epoch);
     valid because the eval transform is deterministic and CLIP is frozen.
     `keep`: return the first `keep` (image, truth, prediction) of the main process for overlays.
+    `pictures`: write every image's gallery picture (`gallery.write_picture`) into this folder.
     Returns (rows, summary, kept); rows hold one dict per image (with its name, and its dataset when
     the loader mixes several), from all processes; the summary of several datasets holds each one's.
     Binary: rows and summary also hold the paper's figures (`paper_*`), each batch being the
@@ -142,6 +144,9 @@ def evaluate(model, loader, accelerator: Accelerator, num_classes: int, class_na
         rows += [dict(row, paper_dice=paper_image_dice(stat)) if binary else row for row, stat in gathered]
         if binary:
             paper_batches.append(paper_batch([stat for _, stat in gathered]))
+        for tag, name, pixel, label, one in zip(tags, batch["name"], pixels, labels, pred, strict=True) if pictures else ():
+            gallery.write_picture(gallery.picture_path(pictures, name, tag.get("dataset")),
+                                  reporting.denormalize(pixel), label.cpu().numpy(), one.cpu().numpy())
         for j in range(min(keep - len(kept), len(pixels))):
             kept.append((reporting.denormalize(pixels[j]), labels[j].cpu().numpy(), pred[j].cpu().numpy()))
     return rows, {**multi.summarize(rows), **paper_summary(paper_batches)}, kept
