@@ -42,6 +42,8 @@ class Job:
     out: Path | None           # None: layout's default text CSV
     describer: str             # llava | geometry | hybrid
     model_path: str
+    backend: str               # transformers | vllm
+    tensor_parallel: int       # vllm: GPUs per copy of the model
     batch_size: int
     max_retries: int
     dtype: str
@@ -157,11 +159,25 @@ def process_gpus(state) -> list[int]:
     return list(range(first, first + per))
 
 
+def load_describer(job: Job, state):
+    """The model of --backend, with the decoding options of the job."""
+    decoding = dict(dtype=job.dtype, constrain=job.constrain, max_new_tokens=job.max_new_tokens,
+                    temperature=job.temperature, seed=job.seed)
+    if job.backend == "vllm":
+        from llava_inference.vllm_describer import VllmDescriber
+
+        return VllmDescriber(job.model_path, tensor_parallel=job.tensor_parallel, **decoding)
+    from llava_inference.llava_model import LlavaDescriber
+
+    return LlavaDescriber(job.model_path, gpus=process_gpus(state), **decoding)
+
+
 def recorded_settings(job: Job, keywords) -> dict:
-    """What the rows depend on (not how fast they come: batch size, dtype): one CSV never mixes two."""
+    """What the rows depend on (not how fast they come: batch size, dtype, tensor parallel): one CSV
+    never mixes two. The backend is one of them: its kernels may round differently."""
     settings = {"describer": job.describer, "keywords": list(keywords)}
     if job.describer != "geometry":
-        settings.update(model_path=str(Path(job.model_path).resolve()), constrain=job.constrain,
+        settings.update(model_path=str(Path(job.model_path).resolve()), backend=job.backend, constrain=job.constrain,
                         temperature=job.temperature, max_new_tokens=job.max_new_tokens, seed=job.seed)
     return settings
 
@@ -177,12 +193,20 @@ def run(job: Job) -> Summary | None:
         from llava_inference.llava_model import check_model_folder
 
         check_model_folder(Path(job.model_path))  # before anything is written
+        if job.backend == "vllm":
+            from llava_inference.vllm_describer import import_vllm
+
+            import_vllm()
 
     import torch
     from accelerate import PartialState  # one process unless started by `accelerate launch` / torchrun
 
-    # cpu=True on CPU-only machines: several processes there then talk over gloo.
-    state = PartialState(cpu=not torch.cuda.is_available())
+    # cpu=True on CPU-only machines: several processes there then talk over gloo. vLLM's engine
+    # takes the GPUs itself: its caller keeps off them.
+    state = PartialState(cpu=job.backend == "vllm" or not torch.cuda.is_available())
+    if job.backend == "vllm" and state.num_processes > 1:
+        raise CoTexNetError("--backend vllm: start one process (not accelerate launch or torchrun); the engine "
+                            "batches every ROI itself and splits the model over --tensor-parallel N GPUs")
     keywords = named.categories or (named.keyword,)
     items = list_rois(dataset_dir, spec, keywords, job.img_format, job.mask_format)
     if state.is_main_process:
@@ -199,11 +223,7 @@ def run(job: Job) -> Summary | None:
         if job.describer == "geometry":
             rows = geometry_rows(todo, spec)
         else:
-            from llava_inference.llava_model import LlavaDescriber
-
-            model = LlavaDescriber(job.model_path, dtype=job.dtype, constrain=job.constrain,
-                                   max_new_tokens=job.max_new_tokens, temperature=job.temperature,
-                                   seed=job.seed, gpus=process_gpus(state))
+            model = load_describer(job, state)
             rows = model_rows(todo, spec, model, job.describer == "hybrid", job.batch_size, job.max_retries)
         for row in rows:
             writer.add(row)

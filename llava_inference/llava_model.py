@@ -86,7 +86,8 @@ def check_model_folder(path: Path) -> None:
         raise CoTexNetError(f"{path}: not a LLaVA-1.5 folder in the llava-hf layout; missing {'; '.join(missing)}")
 
 
-def _dtype(name: str) -> torch.dtype:
+def torch_dtype(name: str) -> torch.dtype:
+    """The weights' dtype for --dtype: float32 on CPU unless named; on GPU auto is bfloat16 where supported."""
     if not torch.cuda.is_available():
         return torch.float32 if name == "auto" else getattr(torch, name)
     if name == "auto":
@@ -94,18 +95,59 @@ def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
+def load_processor(path: Path):
+    """The folder's processor, computing as the original: PIL resampling as its CLIPImageProcessor, and
+    legacy tokenisation whatever the folder's tokenizer_config says (the text after <image> keeps its
+    sentencepiece space)."""
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(path, backend="pil", legacy=True)
+
+
+def v1_prompt(processor, keyword: str) -> str:
+    """The paper's question about one image in the LLaVA v1 conversation."""
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question(keyword)}]}]
+    return processor.apply_chat_template(conversation, chat_template=CHAT_TEMPLATE, add_generation_prompt=True)
+
+
+def answer_grammar():
+    """The xgrammar grammar of one answer (attributes.json_schema), without free whitespace: a weak
+    model could otherwise pad with spaces up to the token limit."""
+    import xgrammar as xgr
+
+    return xgr.Grammar.from_json_schema(json.dumps(json_schema()), any_whitespace=False)
+
+
+def describe_with_retries(generate, images, keywords, max_numbers, max_retries: int) -> list[tuple[Attributes | None, int]]:
+    """(validated attributes or None, answers drawn) per ROI; `generate(images, keywords)` answers a
+    batch, and invalid answers are asked again in batches, at most `max_retries` answers per ROI."""
+    results: list[tuple[Attributes | None, int]] = [(None, 0)] * len(images)
+    pending = list(range(len(images)))
+    for attempt in range(1, max_retries + 1):
+        if not pending:
+            break
+        answers = generate([images[i] for i in pending], [keywords[i] for i in pending])
+        failed = []
+        for i, answer in zip(pending, answers, strict=True):
+            try:
+                results[i] = (parse_answer(answer, max_numbers[i]), attempt)
+            except AnswerError:
+                results[i] = (None, attempt)
+                failed.append(i)
+        pending = failed
+    return results
+
+
 class LlavaDescriber:
     def __init__(self, model_path, dtype: str = "auto", constrain: bool = True, max_new_tokens: int = 512,
                  temperature: float = 0.2, seed: int = 0, gpus: list[int] | None = None):
         """`gpus`: the GPUs to spread the model over (default: all visible); ignored without CUDA."""
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
+        from transformers import LlavaForConditionalGeneration
 
         path = Path(model_path)
         check_model_folder(path)
         torch.manual_seed(seed)
-        # PIL resampling as the original's CLIPImageProcessor; legacy tokenisation as the original's
-        # whatever the folder's tokenizer_config says (the text after <image> keeps its sentencepiece space).
-        self.processor = AutoProcessor.from_pretrained(path, backend="pil", legacy=True)
+        self.processor = load_processor(path)
         # Batched generation appends new tokens on the right: prompts must end at the same column.
         self.processor.tokenizer.padding_side = "left"
         placement = {}
@@ -114,7 +156,7 @@ class LlavaDescriber:
             # accelerate fills the listed GPUs in order, up to their free memory; a data-parallel
             # process lists only its own GPUs.
             placement = {"device_map": "auto", "max_memory": {g: torch.cuda.mem_get_info(g)[0] for g in gpus}}
-        self.model = LlavaForConditionalGeneration.from_pretrained(path, dtype=_dtype(dtype), **placement).eval()
+        self.model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch_dtype(dtype), **placement).eval()
         tokenizer = self.processor.tokenizer
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -131,12 +173,10 @@ class LlavaDescriber:
         # The model's vocabulary may be padded beyond the tokenizer's (llava-hf: 32064 rows).
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.model.config.text_config.vocab_size,
                                                   stop_token_ids=[tokenizer.eos_token_id])
-        # No free whitespace: a weak model could otherwise pad with spaces up to the token limit.
-        return xgr.GrammarCompiler(info).compile_json_schema(json.dumps(json_schema()), any_whitespace=False)
+        return xgr.GrammarCompiler(info).compile_grammar(answer_grammar())
 
     def prompt(self, keyword: str) -> str:
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question(keyword)}]}]
-        return self.processor.apply_chat_template(conversation, chat_template=CHAT_TEMPLATE, add_generation_prompt=True)
+        return v1_prompt(self.processor, keyword)
 
     def inputs(self, images: list[np.ndarray], keywords: list[str]):
         """The model's inputs for RGB ROI images: each padded to a square, then the folder's processor."""
@@ -165,19 +205,4 @@ class LlavaDescriber:
         return self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
 
     def describe(self, images, keywords, max_numbers, max_retries: int) -> list[tuple[Attributes | None, int]]:
-        """(validated attributes or None, answers drawn) per ROI; invalid answers are re-asked in batches."""
-        results: list[tuple[Attributes | None, int]] = [(None, 0)] * len(images)
-        pending = list(range(len(images)))
-        for attempt in range(1, max_retries + 1):
-            if not pending:
-                break
-            answers = self.generate([images[i] for i in pending], [keywords[i] for i in pending])
-            failed = []
-            for i, answer in zip(pending, answers, strict=True):
-                try:
-                    results[i] = (parse_answer(answer, max_numbers[i]), attempt)
-                except AnswerError:
-                    results[i] = (None, attempt)
-                    failed.append(i)
-            pending = failed
-        return results
+        return describe_with_retries(self.generate, images, keywords, max_numbers, max_retries)

@@ -32,6 +32,8 @@ from data_process import layout
 from llava_inference.attributes import KEYS, AnswerError, Attributes, parse_answer
 
 MISSING_TEXT = ("nan", "none", "null", "n/a")
+# Settings recorded only since a later version, with the value every run before had.
+RECORDED_SINCE = {"backend": "transformers"}
 PAPER_COLUMNS = ("roi_name", "text", "text_prompt", *KEYS)
 COLUMNS = (*PAPER_COLUMNS, "source", "tries")
 
@@ -148,7 +150,7 @@ def start_output(out: str | Path, settings: dict, overwrite: bool) -> None:
         if recorded is None:
             print(f"warning: {out}: {rows} rows of an earlier run are kept, but the options they were made "
                   f"with are not recorded (now {_options(settings)}); --overwrite redoes them", file=sys.stderr)
-        elif {key: recorded.get(key) for key in settings} != settings:
+        elif {key: recorded.get(key, RECORDED_SINCE.get(key)) for key in settings} != settings:
             raise CoTexNetError(f"{out}: its {rows} earlier rows were made with {_options(recorded)}, this run asks "
                                 f"for {_options(settings)}; rerun with --overwrite to describe every ROI again, "
                                 "or with the earlier options to continue")
