@@ -7,7 +7,7 @@ VLLM_VENV ?= .venv-vllm
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test bench clean-demo vllm-venv test-vllm
+.PHONY: demo test bench bench-vllm clean-demo vllm-venv test-vllm
 
 $(VENV)/.installed: requirement.txt
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -34,3 +34,7 @@ clean-demo:
 
 bench: $(VENV)/.installed
 	$(PYTHON) tools/bench.py $(BENCH_ARGS)
+
+# stage 2's backends on the tiny LLaVA: transformers batched vs vLLM (tools/bench.py --vllm)
+bench-vllm: $(VENV)/.installed $(VLLM_VENV)/.installed
+	$(PYTHON) tools/bench.py --vllm --vllm-python $(abspath $(VLLM_VENV))/bin/python $(BENCH_ARGS)

@@ -10,7 +10,7 @@ Describers:
 Output: text_file/<dataset>/<dataset>_text_out.csv (the paper's columns + source, tries).
 Results are appended to a .partial CSV as they come: rerunning after a crash or kill skips
 the ROIs already done (--overwrite removes the earlier CSVs and starts over). The options the
-rows are made with (describer, keywords; with LLaVA the model folder, decoding and seed) are kept
+rows are made with (describer, keywords; with LLaVA the model folder, backend, decoding and seed) are kept
 in <out stem>.settings.json beside the CSV: a
 rerun with others is refused, so that one CSV never mixes two settings.
 

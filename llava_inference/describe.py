@@ -10,7 +10,8 @@ advances the progress bar in one place.
 
 Data parallel: under `accelerate launch` (or torchrun) each process takes every N-th ROI still
 to do and its own slice of the GPUs; alone, a process takes every ROI and spreads the model over
-every visible GPU.
+every visible GPU. `--backend vllm` runs one process: the vLLM engine batches the ROIs itself and
+splits the model over `--tensor-parallel` GPUs (llava_inference/vllm_describer.py).
 """
 
 from __future__ import annotations

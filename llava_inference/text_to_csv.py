@@ -13,8 +13,8 @@ While a run goes, each result is appended to `<out stem>.partial[-<shard>].csv` 
 a killed run loses at most the line being written; a rerun reads the partial files and skips
 those ROIs. The final CSV is written atomically, and only then are the partial files removed.
 `<out stem>.settings.json` beside it records the options the rows were made with (describer,
-keywords; with LLaVA also the model folder and the decoding: constrained or not, temperature,
-answer length, seed): a rerun with other options is refused instead of mixing rows of two settings.
+keywords; with LLaVA also the model folder, the backend and the decoding: constrained or not,
+temperature, answer length, seed): a rerun with other options is refused instead of mixing rows of two settings.
 """
 
 from __future__ import annotations

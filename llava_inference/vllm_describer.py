@@ -6,7 +6,7 @@ transformers of their own. get_text.py runs under that venv's Python with `--bac
 
 What the model sees is what the transformers backend gives it:
 - the ROI padded to a square with the processor's mean colour (`pad_to_square`), then the
-  folder's own image processor (vLLM runs it);
+  folder's own image processor with PIL resampling (vLLM runs it);
 - the prompt as token ids, tokenised here by the processor that backend loads (`load_processor`:
   legacy tokenisation), since vLLM would otherwise tokenise the text with the folder's settings;
 - the answer grammar of `answer_grammar()` (same schema, no free whitespace), through vLLM's
@@ -66,8 +66,11 @@ class VllmDescriber:
         self.processor = load_processor(path)
         try:
             # The engine's seed: reproducible runs, while a retried ROI still draws a new answer.
+            # backend="pil": the folder's image processor resizes with PIL as load_processor's does;
+            # where torchvision is installed (vLLM's GPU wheels), transformers would pick it instead.
             self.engine = vllm.LLM(model=str(path), dtype=torch_dtype(dtype), seed=seed,
                                    tensor_parallel_size=tensor_parallel, limit_mm_per_prompt={"image": 1},
+                                   mm_processor_kwargs={"backend": "pil"},
                                    structured_outputs_config={"backend": "xgrammar"})
         except Exception as err:  # vLLM raises many kinds; its log above names the cause
             message = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
