@@ -12,8 +12,11 @@ time, so memory stays near the largest shard (13B: ~10 GB), not the whole model.
 What the output guarantees, against the original code on the same input:
 - weights: every source key maps by an explicit rule (Llama under `model.language_model`,
   projector `mm_projector.0/2` -> `linear_1/linear_2`, a vision tower the checkpoint carries is
-  kept, else the CLIP folder's); a key without a rule stops the conversion, naming it. After
-  writing, the output's names and shapes are checked against the model its config builds.
+  kept, else the CLIP folder's); a key without a rule stops the conversion, naming it. Buffers
+  that the model rebuilds itself and no longer loads (CLIP's `position_ids`, saved by older
+  transformers in the real checkpoints) are left out by name, and the conversion says which.
+  After writing, the output's names and shapes are checked against the model its config builds:
+  any other missing or unexpected key is refused.
 - features: vision layer `mm_vision_select_layer`, patch tokens without CLS for `patch`; the
   projector type must be `mlp2x_gelu` (absent means the original's default, `linear`, refused).
 - pixels: `image_aspect_ratio: pad` -> `LlavaImageProcessor(do_pad=True)`: pad to a square with
@@ -115,13 +118,30 @@ def _keys(files: list[Path]) -> list[str]:
     return keys
 
 
-def _convert(tensors: dict, rules, vocab: int) -> dict[str, torch.Tensor]:
+def _convert(tensors: dict, rules, vocab: int, rebuilt: set[str], dropped: list[str]) -> dict[str, torch.Tensor]:
+    """The llava-hf tensors of one source file; a buffer the model rebuilds itself (its name in
+    `rebuilt`) is left out and its source name added to `dropped`."""
     out = {}
     for key, tensor in tensors.items():
         new = rename(key, rules)
-        if new is not None:
+        if new in rebuilt:
+            dropped.append(key)
+        elif new is not None:
             out[new] = _grow(tensor, vocab) if new in RESIZED else tensor.contiguous()
     return out
+
+
+def _meta_model(config):
+    from transformers import LlavaForConditionalGeneration
+
+    with torch.device("meta"):
+        return LlavaForConditionalGeneration(config)
+
+
+def rebuilt_buffers(model) -> set[str]:
+    """Buffers the model computes when it is built and never loads (transformers 5: CLIP's
+    `position_ids`, which older transformers saved with the weights)."""
+    return {name for name, _ in model.named_buffers()} - set(model.state_dict())
 
 
 def _grow(weight: torch.Tensor, rows: int) -> torch.Tensor:
@@ -202,7 +222,7 @@ def convert(src: Path, vision_tower: Path, out: Path) -> Path:
 def _write(src: Path, original: dict, sources: list[Path], vision_tower: Path, own_tower: bool, tmp: Path) -> None:
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaImageProcessorPil, LlavaProcessor
 
-    from llava_inference.llava_model import CHAT_TEMPLATE
+    from llava_inference.prompts import LLAVA_V1_TEMPLATE
 
     tokenizer = _tokenizer(src)
     vocab = -(-len(tokenizer) // PAD_MULTIPLE) * PAD_MULTIPLE
@@ -226,9 +246,10 @@ def _write(src: Path, original: dict, sources: list[Path], vision_tower: Path, o
         print(f"vision tower: the one in {src} (fine-tuned with LLaVA); {vision_tower} gives its config only")
     total = len(sources) + bool(vision_files)
     weight_map, size, dtype = {}, 0, None
+    rebuilt, dropped = rebuilt_buffers(_meta_model(config)), []
     tmp.mkdir(parents=True)
     for index, path in enumerate(tqdm(sources, desc="converting", unit="shard"), start=1):
-        tensors = _convert(_load(path), RULES, vocab)
+        tensors = _convert(_load(path), RULES, vocab, rebuilt, dropped)
         if RESIZED[0] in tensors:
             dtype = tensors[RESIZED[0]].dtype
         size += _save(tmp, f"model-{index:05d}-of-{total:05d}.safetensors", tensors, weight_map)
@@ -236,9 +257,12 @@ def _write(src: Path, original: dict, sources: list[Path], vision_tower: Path, o
         raise CoTexNetError(f"{src}: no model.embed_tokens.weight in {', '.join(p.name for p in sources)}")
     if vision_files:
         # The vision tower is stored in the language model's precision, as llava-hf does.
-        vision = {k: v.to(dtype) for path in vision_files for k, v in _convert(_load(path), CLIP_RULES, vocab).items()}
+        vision = {k: v.to(dtype) for path in vision_files
+                  for k, v in _convert(_load(path), CLIP_RULES, vocab, rebuilt, dropped).items()}
         size += _save(tmp, f"model-{total:05d}-of-{total:05d}.safetensors", vision, weight_map)
     write_json(tmp / "model.safetensors.index.json", {"metadata": {"total_size": size}, "weight_map": weight_map})
+    if dropped:
+        print(f"left out {len(dropped)} buffers that transformers rebuilds itself (not weights): {', '.join(dropped)}")
 
     config.dtype = dtype
     config.save_pretrained(tmp)
@@ -248,7 +272,7 @@ def _write(src: Path, original: dict, sources: list[Path], vision_tower: Path, o
         vision_tower, do_pad=original.get("image_aspect_ratio") == "pad")
     LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=vision_config.patch_size,
                    vision_feature_select_strategy=strategy, num_additional_image_tokens=1,
-                   chat_template=CHAT_TEMPLATE).save_pretrained(tmp)
+                   chat_template=LLAVA_V1_TEMPLATE).save_pretrained(tmp)
 
 
 def _save(folder: Path, name: str, tensors: dict, weight_map: dict) -> int:
@@ -265,11 +289,9 @@ def verify(folder: Path) -> None:
     13B output is checked without loading it; `from_pretrained` would otherwise only warn and
     initialise what is missing at random.
     """
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaConfig
 
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in LlavaForConditionalGeneration(LlavaConfig.from_pretrained(folder))
-                    .state_dict().items()}
+    expected = {k: tuple(v.shape) for k, v in _meta_model(LlavaConfig.from_pretrained(folder)).state_dict().items()}
     index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
     stored = {}
     for name in sorted(set(index.values())):

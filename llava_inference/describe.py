@@ -1,12 +1,13 @@
 """Stage 2's flow: list the ROIs, share them over processes, describe them, write the text CSV.
 
-`run(job)` is the whole stage: check the model folder (before anything is written), list the
+`run(job)` is the whole stage: check the model (before anything is written), list the
 ROIs, refuse earlier rows made with another describer or other keywords, skip those an earlier
 run finished, describe this process's share, append each finished
 row to the resumable CSV (text_to_csv.ResultWriter), and on the main process merge the shards
 into the final CSV. The describers are generators of finished rows (`geometry_rows`,
 `model_rows`): they read files and ask the model, and write nothing; `run` writes every row and
-advances the progress bar in one place.
+advances the progress bar in one place. The model is a `describer.Describer` of the backend
+`load_describer` picks (transformers: any image-text-to-text model; vllm: the vLLM engine).
 
 Data parallel: under `accelerate launch` (or torchrun) each process takes every N-th ROI still
 to do and its own slice of the GPUs; alone, a process takes every ROI and spreads the model over
@@ -22,13 +23,20 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from tqdm import tqdm
 
 from common.errors import CoTexNetError
 from data_process import layout, registry
 from llava_inference import geometry
 from llava_inference.attributes import Attributes
+from llava_inference.describer import Describer
+from llava_inference.model_folder import ModelSource, inspect_model
+from llava_inference.quantization import meta_model, quantization_config, require_bitsandbytes
 from llava_inference.text_to_csv import ResultWriter, empty_row, make_row, start_output
+
+# What a settings record written before an option existed means: the option's value then.
+EARLIER_DEFAULTS = {"quantize": "none", "backend": "transformers"}
 
 
 @dataclass(frozen=True)
@@ -42,9 +50,10 @@ class Job:
     keywords: str | None       # None: the registry's
     out: Path | None           # None: layout's default text CSV
     describer: str             # llava | geometry | hybrid
-    model_path: str
+    model_path: str            # folder or Hugging Face id
+    quantize: str              # none | 8bit | 4bit
     backend: str               # transformers | vllm
-    tensor_parallel: int       # vllm: GPUs per copy of the model
+    tensor_parallel: int       # vllm: GPUs one copy of the model is split over
     batch_size: int
     max_retries: int
     dtype: str
@@ -123,7 +132,7 @@ def geometry_rows(items: list[RoiItem], spec) -> Iterator[dict]:
 
 
 def model_rows(items: list[RoiItem], spec, model, hybrid: bool, batch_size: int, max_retries: int) -> Iterator[dict]:
-    """The row of each ROI from `model` (a LlavaDescriber), `batch_size` ROIs per call: an empty
+    """The row of each ROI from `model` (a Describer), `batch_size` ROIs per call: an empty
     mask's row at once, the others once their batch is answered. An ROI without a valid answer
     gets the geometry row (source `fallback`); `hybrid` takes number, location and size from the mask."""
     for start in range(0, len(items), batch_size):
@@ -150,8 +159,6 @@ def model_rows(items: list[RoiItem], spec, model, hybrid: bool, batch_size: int,
 
 def process_gpus(state) -> list[int]:
     """This process's share of the visible GPUs: all of them for one process, a slice for each of several."""
-    import torch
-
     count = torch.cuda.device_count()
     if count == 0:
         return []
@@ -160,27 +167,28 @@ def process_gpus(state) -> list[int]:
     return list(range(first, first + per))
 
 
-def load_describer(job: Job, state):
-    """The model of --backend, with the decoding options of the job."""
-    decoding = dict(dtype=job.dtype, constrain=job.constrain, max_new_tokens=job.max_new_tokens,
-                    temperature=job.temperature, seed=job.seed)
-    if job.backend == "vllm":
-        from llava_inference.vllm_describer import VllmDescriber
-
-        return VllmDescriber(job.model_path, tensor_parallel=job.tensor_parallel, **decoding)
-    from llava_inference.llava_model import LlavaDescriber
-
-    return LlavaDescriber(job.model_path, gpus=process_gpus(state), **decoding)
-
-
-def recorded_settings(job: Job, keywords) -> dict:
+def recorded_settings(job: Job, keywords, model: ModelSource | None) -> dict:
     """What the rows depend on (not how fast they come: batch size, dtype, tensor parallel): one CSV
     never mixes two. The backend is one of them: its kernels may round differently."""
     settings = {"describer": job.describer, "keywords": list(keywords)}
-    if job.describer != "geometry":
-        settings.update(model_path=str(Path(job.model_path).resolve()), backend=job.backend, constrain=job.constrain,
+    if model is not None:
+        settings.update(model_path=model.name, quantize=job.quantize, backend=job.backend, constrain=job.constrain,
                         temperature=job.temperature, max_new_tokens=job.max_new_tokens, seed=job.seed)
     return settings
+
+
+def load_describer(job: Job, model: ModelSource, gpus: list[int]) -> Describer:
+    """The describer that runs `model` for this job, on the backend it names."""
+    if job.backend == "vllm":
+        from llava_inference.vllm_describer import VllmDescriber
+
+        return VllmDescriber(model, dtype=job.dtype, constrain=job.constrain, max_new_tokens=job.max_new_tokens,
+                             temperature=job.temperature, seed=job.seed, tensor_parallel=job.tensor_parallel)
+    from llava_inference.transformers_backend import TransformersDescriber
+
+    return TransformersDescriber(model, dtype=job.dtype, quantize=job.quantize, constrain=job.constrain,
+                                 max_new_tokens=job.max_new_tokens, temperature=job.temperature, seed=job.seed,
+                                 gpus=gpus)
 
 
 def run(job: Job) -> Summary | None:
@@ -190,16 +198,20 @@ def run(job: Job) -> Summary | None:
     named = registry.get_spec(job.dataset_name, job.keywords)
     dataset_dir = job.dataset_path or layout.dataset_dir(layout.DEFAULT_ROOT, job.dataset_name)
     out = job.out or layout.text_csv(job.dataset_name)
-    if job.describer != "geometry":
-        from llava_inference.llava_model import check_model_folder
-
-        check_model_folder(Path(job.model_path))  # before anything is written
+    model = None
+    if job.describer == "geometry":
+        if job.quantize != "none":
+            raise CoTexNetError(f"--quantize {job.quantize}: only with a model (--describer llava or hybrid)")
+    else:
+        require_bitsandbytes(job.quantize)
+        model = inspect_model(job.model_path)  # before anything is written
+        if job.quantize != "none":  # a model bitsandbytes cannot quantise is refused here too
+            quantization_config(job.quantize, meta_model(model.location), torch.bfloat16)
         if job.backend == "vllm":
             from llava_inference.vllm_describer import import_vllm
 
             import_vllm()
 
-    import torch
     from accelerate import PartialState  # one process unless started by `accelerate launch` / torchrun
 
     # cpu=True on CPU-only machines: several processes there then talk over gloo. vLLM's engine
@@ -211,7 +223,7 @@ def run(job: Job) -> Summary | None:
     keywords = named.categories or (named.keyword,)
     items = list_rois(dataset_dir, spec, keywords, job.img_format, job.mask_format)
     if state.is_main_process:
-        start_output(out, recorded_settings(job, keywords), job.overwrite)
+        start_output(out, recorded_settings(job, keywords, model), job.overwrite, EARLIER_DEFAULTS)
     state.wait_for_everyone()
     writer = ResultWriter(out, shard=f"-{state.process_index}" if state.num_processes > 1 else "")
     # Every process reads the finished ROIs before any writes new ones: all shard the same list.
@@ -224,8 +236,8 @@ def run(job: Job) -> Summary | None:
         if job.describer == "geometry":
             rows = geometry_rows(todo, spec)
         else:
-            model = load_describer(job, state)
-            rows = model_rows(todo, spec, model, job.describer == "hybrid", job.batch_size, job.max_retries)
+            describer = load_describer(job, model, process_gpus(state))
+            rows = model_rows(todo, spec, describer, job.describer == "hybrid", job.batch_size, job.max_retries)
         for row in rows:
             writer.add(row)
             progress.update()

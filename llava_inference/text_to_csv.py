@@ -13,8 +13,9 @@ While a run goes, each result is appended to `<out stem>.partial[-<shard>].csv` 
 a killed run loses at most the line being written; a rerun reads the partial files and skips
 those ROIs. The final CSV is written atomically, and only then are the partial files removed.
 `<out stem>.settings.json` beside it records the options the rows were made with (describer,
-keywords; with LLaVA also the model folder, the backend and the decoding: constrained or not,
-temperature, answer length, seed): a rerun with other options is refused instead of mixing rows of two settings.
+keywords; with a model also its folder or id, its quantisation, the backend that ran it and the
+decoding: constrained or not, temperature, answer length, seed): a rerun with other options is refused instead of mixing
+rows of two settings.
 """
 
 from __future__ import annotations
@@ -32,8 +33,6 @@ from data_process import layout
 from llava_inference.attributes import KEYS, AnswerError, Attributes, parse_answer
 
 MISSING_TEXT = ("nan", "none", "null", "n/a")
-# Settings recorded only since a later version, with the value every run before had.
-RECORDED_SINCE = {"backend": "transformers"}
 PAPER_COLUMNS = ("roi_name", "text", "text_prompt", *KEYS)
 COLUMNS = (*PAPER_COLUMNS, "source", "tries")
 
@@ -128,10 +127,11 @@ def _recorded_settings(path: Path) -> dict | None:
     return recorded if isinstance(recorded, dict) else {}
 
 
-def start_output(out: str | Path, settings: dict, overwrite: bool) -> None:
+def start_output(out: str | Path, settings: dict, overwrite: bool, earlier_defaults: dict | None = None) -> None:
     """Before the first row (main process only): remove what a killed write of this CSV left;
     with `overwrite` remove the earlier final and partial CSVs, else refuse their rows if they were
-    made with other `settings`; then record `settings` beside the CSV."""
+    made with other `settings`; then record `settings` beside the CSV. `earlier_defaults`: the
+    value of an option that a record written before the option existed lacks."""
     out = Path(out)
     record = settings_path(out)
     if out.is_dir():
@@ -147,10 +147,13 @@ def start_output(out: str | Path, settings: dict, overwrite: bool) -> None:
     else:
         rows = len({row["roi_name"] for path in earlier for row in _read_complete_rows(path, partial=path != out)})
         recorded = _recorded_settings(record) if rows else settings
+        if recorded is not None:
+            recorded = {**recorded, **{k: v for k, v in (earlier_defaults or {}).items()
+                                       if k in settings and k not in recorded}}
         if recorded is None:
             print(f"warning: {out}: {rows} rows of an earlier run are kept, but the options they were made "
                   f"with are not recorded (now {_options(settings)}); --overwrite redoes them", file=sys.stderr)
-        elif {key: recorded.get(key, RECORDED_SINCE.get(key)) for key in settings} != settings:
+        elif {key: recorded.get(key) for key in settings} != settings:
             raise CoTexNetError(f"{out}: its {rows} earlier rows were made with {_options(recorded)}, this run asks "
                                 f"for {_options(settings)}; rerun with --overwrite to describe every ROI again, "
                                 "or with the earlier options to continue")

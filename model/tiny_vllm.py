@@ -1,13 +1,10 @@
 """A tiny random LLaVA-1.5 that both stage-2 backends load: transformers and vLLM.
 
-`model.tiny.save_tiny_llava` writes the tokenizer, the processor and the config; two steps make
-the folder one that vLLM accepts too:
-- the language model is drawn again at widths vLLM's attention takes: 2 heads of 32 (its
-  kernels take head sizes 32, 64, 80, 96, 112, 128, ...; two heads, so that tensor parallel 2
-  splits them);
-- the weights are written in the key layout of the llava-hf folders on the hub
-  (`vision_tower.vision_model.*`), which vLLM's loader expects, where transformers 5's
-  `save_pretrained` writes `vision_tower.*`. transformers loads both layouts.
+`model.tiny.save_tiny_llava` at width 64 (2 heads of 32: vLLM's attention takes head sizes 32,
+64, 80, 96, 112, 128, ...; two heads, so that tensor parallel 2 splits them), with its weights
+written in the key layout of the llava-hf folders on the hub (`vision_tower.vision_model.*`),
+which vLLM's loader expects, where transformers 5's `save_pretrained` writes `vision_tower.*`.
+transformers loads both layouts.
 
 Command line: `python -m model.tiny_vllm --out DIR`.
 """
@@ -17,13 +14,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from common.errors import run_cli
 from model.tiny import save_tiny_llava
 
-TEXT_WIDTHS = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_key_value_heads": 2,
-               "head_dim": 32}
+WIDTH = 64
 
 
 def to_hub_key_layout(folder: str | Path) -> None:
@@ -40,16 +34,7 @@ def to_hub_key_layout(folder: str | Path) -> None:
 
 def save_tiny_vllm_llava(out_dir: str | Path, seed: int = 0) -> Path:
     """Write the tiny LLaVA folder (tokenizer, processor, random weights) that vLLM and transformers load."""
-    from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    folder = save_tiny_llava(out_dir, seed)
-    config = LlavaConfig.from_pretrained(folder)
-    for name, value in TEXT_WIDTHS.items():
-        setattr(config.text_config, name, value)
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
-    model.generation_config = GenerationConfig.from_pretrained(folder)
-    model.save_pretrained(folder)
+    folder = save_tiny_llava(out_dir, seed, width=WIDTH)
     to_hub_key_layout(folder)
     return folder
 

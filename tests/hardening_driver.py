@@ -24,13 +24,13 @@ sys.path.insert(0, str(REPO))
 
 @contextlib.contextmanager
 def scripted_llava(answers: list[str] | None):
-    """LlavaDescriber without a model: generate() hands out `answers` in turn (cycling)."""
+    """The transformers describer without a model: generate() hands out `answers` in turn (cycling)."""
     if answers is None:
         yield
         return
-    from llava_inference import llava_model
+    from llava_inference import transformers_backend
 
-    cls = llava_model.LlavaDescriber
+    cls = transformers_backend.TransformersDescriber
     saved = cls.__init__, cls.generate
     stream = itertools.cycle(answers)
     cls.__init__ = lambda self, *args, **kwargs: None

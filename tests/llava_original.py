@@ -46,28 +46,46 @@ def sentencepiece_model() -> bytes:
 
 
 def write_clip_folder(folder: Path, seed: int = 1) -> Path:
-    """As openai/clip-vit-large-patch14-336 ships: a whole CLIPModel and its CLIPImageProcessor."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    """As openai/clip-vit-large-patch14-336 ships: a whole CLIPModel (text tower and projections
+    too) in one pytorch_model.bin that still carries the `position_ids` buffers of both towers
+    (older transformers saved them; transformers 5 rebuilds them and no longer loads them), a
+    config.json of the old layout (full nested configs plus `*_config_dict`) and the
+    CLIPFeatureExtractor-era preprocessor_config.json (integer size and crop size)."""
+    from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(seed)
-    config = CLIPConfig(
-        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
-        vision_config=dict(hidden_size=VISION_HIDDEN, intermediate_size=64, num_hidden_layers=3,
-                           num_attention_heads=2, image_size=IMAGE, patch_size=PATCH),
-        projection_dim=16)
+    text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    vision = dict(hidden_size=VISION_HIDDEN, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                  image_size=IMAGE, patch_size=PATCH)
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
     model = CLIPModel(config).eval()
     with torch.no_grad():  # larger than the init's, so that every layer moves the features
         for parameter in model.vision_model.parameters():
             parameter.add_(0.2 * torch.randn_like(parameter))
-    model.save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE},
-                       image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)).save_pretrained(folder)
+    folder.mkdir(parents=True)
+    state = model.state_dict()
+    state["text_model.embeddings.position_ids"] = torch.arange(config.text_config.max_position_embeddings)[None]
+    state["vision_model.embeddings.position_ids"] = torch.arange((IMAGE // PATCH) ** 2 + 1)[None]
+    torch.save(state, folder / "pytorch_model.bin")
+    saved = config.to_dict()
+    saved.update(architectures=["CLIPModel"], text_config_dict=text, vision_config_dict=vision, torch_dtype="float32")
+    (folder / "config.json").write_text(json.dumps(saved))
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "crop_size": IMAGE, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+        "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
+        "resample": 3, "size": IMAGE}))
     return folder
 
 
+def clip_state(folder: Path) -> dict[str, torch.Tensor]:
+    return torch.load(folder / "pytorch_model.bin", weights_only=True)
+
+
 def write_original_llava(folder: Path, clip: Path, seed: int = 0, **config_changes) -> dict[str, torch.Tensor]:
-    """The original layout: two .bin shards with the original's key names (no vision tower), its
-    config.json fields and a sentencepiece tokenizer. Returns the weights written."""
+    """The original layout (liuhaotian/llava-v1.5-13b): three pytorch_model-0000k-of-00003.bin
+    shards and their index, fp16 weights under the original's key names (projector
+    `model.mm_projector.*`, no vision tower) beside fp32 rotary buffers, every field of its
+    config.json, a sentencepiece tokenizer. Returns the weights written."""
     import sentencepiece as spm
 
     folder.mkdir(parents=True)
@@ -84,13 +102,13 @@ def write_original_llava(folder: Path, clip: Path, seed: int = 0, **config_chang
     config = {
         "_name_or_path": "./checkpoints/llava-v1.5-13b", "architectures": ["LlavaLlamaForCausalLM"],
         "bos_token_id": 1, "eos_token_id": 2, "freeze_mm_mlp_adapter": False, "hidden_act": "silu",
-        "hidden_size": HIDDEN, "image_aspect_ratio": "pad", "initializer_range": 0.02,
+        "hidden_size": HIDDEN, "image_aspect_ratio": "pad", "image_grid_pinpoints": None, "initializer_range": 0.02,
         "intermediate_size": intermediate, "max_position_embeddings": 4096, "mm_hidden_size": VISION_HIDDEN,
         "mm_projector_type": "mlp2x_gelu", "mm_use_im_patch_token": False, "mm_use_im_start_end": False,
         "mm_vision_select_feature": "patch", "mm_vision_select_layer": -2, "mm_vision_tower": str(clip),
         "model_type": "llava", "num_attention_heads": 2, "num_hidden_layers": layers, "num_key_value_heads": 2,
         "pad_token_id": 0, "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": None,
-        "tie_word_embeddings": False, "torch_dtype": "float32", "transformers_version": "4.31.0",
+        "tie_word_embeddings": False, "torch_dtype": "float16", "transformers_version": "4.31.0",
         "tune_mm_mlp_adapter": False, "use_cache": True, "use_mm_proj": True, "vocab_size": vocab,
     }
     config.update(config_changes)
@@ -114,13 +132,16 @@ def write_original_llava(folder: Path, clip: Path, seed: int = 0, **config_chang
     weights.update({"model.norm.weight": 1 + rand(HIDDEN, scale=0.1), "lm_head.weight": rand(vocab, HIDDEN),
                     "model.mm_projector.0.weight": rand(HIDDEN, VISION_HIDDEN), "model.mm_projector.0.bias": rand(HIDDEN),
                     "model.mm_projector.2.weight": rand(HIDDEN, HIDDEN), "model.mm_projector.2.bias": rand(HIDDEN)})
+    # stored as the original: fp16 weights, fp32 rotary buffers
+    weights = {k: v if "inv_freq" in k else v.half() for k, v in weights.items()}
     keys = list(weights)
-    shards = {"pytorch_model-00001-of-00002.bin": keys[: len(keys) // 2],
-              "pytorch_model-00002-of-00002.bin": keys[len(keys) // 2:]}
+    third = -(-len(keys) // 3)
+    shards = {f"pytorch_model-0000{i + 1}-of-00003.bin": keys[i * third:(i + 1) * third] for i in range(3)}
     for name, part in shards.items():
         torch.save({k: weights[k] for k in part}, folder / name)
+    total = sum(t.numel() * t.element_size() for t in weights.values())
     (folder / "pytorch_model.bin.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": {k: name for name, part in shards.items() for k in part}}))
+        {"metadata": {"total_size": total}, "weight_map": {k: name for name, part in shards.items() for k in part}}))
     return weights
 
 
@@ -153,7 +174,11 @@ def reference_logits(folder: Path, clip: Path, weights: dict, roi: np.ndarray) -
     from transformers import CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
     config = json.loads((folder / "config.json").read_text())
+    weights = {k: v.float() for k, v in weights.items()}
     tower = CLIPVisionModel.from_pretrained(clip).eval()
+    with torch.no_grad():  # the original runs the tower in the language model's precision (fp16)
+        for parameter in tower.parameters():
+            parameter.copy_(parameter.half().float())
     hidden = tower(reference_pixels(roi), output_hidden_states=True).hidden_states[config["mm_vision_select_layer"]]
     hidden = hidden[:, 1:]  # "patch": without the CLS token
     first = torch.nn.functional.linear(hidden, weights["model.mm_projector.0.weight"], weights["model.mm_projector.0.bias"])

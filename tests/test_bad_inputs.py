@@ -135,6 +135,13 @@ def clipseg_without(*names: str):
     return setup
 
 
+def tiny_vlm_without(*names: str):
+    """ws/vlm: a copy of the tiny Qwen2-VL folder without `names`."""
+    def setup(ws: Path, b) -> None:
+        shutil.copytree(b.qwen2_vl, ws / "vlm", ignore=shutil.ignore_patterns(*names))
+    return setup
+
+
 def llava_folder(**files: str):
     def setup(ws: Path, b) -> None:
         (ws / "llava").mkdir()
@@ -576,9 +583,27 @@ CASES = [
          ("out.csv", "out.partial*")),
     Case("llava_folder_incomplete", both(dataset(rois=True), llava_folder(config__json='{"text_config": {}}')),
          "get_text.py", LLAVA_ARGS.replace("{llava}", "{ws}/llava"), 2,
-         ("{ws}/llava: not a LLaVA-1.5 folder in the llava-hf layout; missing config.json with text_config and "
-          "vision_config; weights", "tokenizer (tokenizer.json or tokenizer.model)", "preprocessor_config.json"),
+         ("{ws}/llava: not a vision-language model folder in the transformers layout; missing config.json with "
+          "model_type; weights", "tokenizer (tokenizer.json, tokenizer.model or vocab.json)", "preprocessor_config.json"),
          ("out.csv", "out.partial*")),
+    Case("vlm_text_only_model", both(dataset(rois=True), llava_folder(
+        config__json='{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}')),
+         "get_text.py", LLAVA_ARGS.replace("{llava}", "{ws}/llava"), 2,
+         ("{ws}/llava: model type 'llama' (LlamaForCausalLM) is not an image-text-to-text model",),
+         ("out.csv", "out.partial*", "out.settings.json")),
+    Case("vlm_unknown_model_type", both(dataset(rois=True), llava_folder(config__json='{"model_type": "future_vlm"}')),
+         "get_text.py", LLAVA_ARGS.replace("{llava}", "{ws}/llava"), 2,
+         ("{ws}/llava: model type 'future_vlm' (no architectures listed) is unknown to this transformers",),
+         ("out.csv", "out.partial*")),
+    Case("vlm_hub_id_not_downloaded", dataset(rois=True), "get_text.py",
+         LLAVA_ARGS.replace("{llava}", "nobody-here/tiny-vlm"), 2,
+         ("nobody-here/tiny-vlm: no such model folder, and no Hugging Face model of this id in the cache",),
+         ("out.csv", "out.partial*")),
+    Case("vlm_without_chat_template", both(dataset(rois=True), tiny_vlm_without("chat_template.jinja")), "get_text.py",
+         LLAVA_ARGS.replace("{llava}", "{ws}/vlm"), 2,
+         ("{ws}/vlm: model type 'qwen2_vl' has no chat template in its processor",), ("out.csv", "out.partial*")),
+    Case("quantize_with_geometry", dataset(rois=True), "get_text.py", TEXT_ARGS + " --quantize 4bit", 2,
+         ("--quantize 4bit: only with a model (--describer llava or hybrid)",), ("out.csv", "out.partial*")),
     Case("llava_folder_original_format", both(dataset(rois=True), llava_folder(
         config__json='{"architectures": ["LlavaLlamaForCausalLM"], "mm_vision_tower": "openai/clip"}')),
          "get_text.py", LLAVA_ARGS.replace("{llava}", "{ws}/llava"), 2,
@@ -816,11 +841,12 @@ CASES = [
 def base(synthetic_root, train_setup, tmp_path_factory):  # noqa: F811
     """Inputs shared by the cases, built once: a 4-image dataset with ROIs, a 2-image label-map
     dataset, the tiny 1-epoch training config, a run folder with an (untrained) checkpoint, a
-    second tiny CLIPSeg of other weights, and a folder that passes as llava-hf."""
+    second tiny CLIPSeg of other weights, and tiny LLaVA-1.5 and Qwen2-VL folders (random weights;
+    answers are scripted where a case asks a model)."""
     from data_process import make_ROI_img
     from model.checkpoint import save_checkpoint
     from model.CoTexNet import CoTexNet
-    from model.tiny import save_clipseg_folder
+    from model.tiny import save_clipseg_folder, save_tiny_llava, save_tiny_qwen2_vl
 
     top = tmp_path_factory.mktemp("hardening")
     ds, mc = top / "ds", top / "mc"
@@ -836,14 +862,9 @@ def base(synthetic_root, train_setup, tmp_path_factory):  # noqa: F811
     run = top / "run"
     save_checkpoint(CoTexNet.from_clipseg(clipseg), run / "best", {"epoch": 1})
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
-    llava = top / "llava"
-    llava.mkdir()
-    (llava / "config.json").write_text('{"text_config": {}, "vision_config": {}}')
-    for name in ("model.safetensors", "tokenizer.json", "preprocessor_config.json"):
-        (llava / name).write_text("{}")
     return SimpleNamespace(ds=ds, mc=mc, cfg=cfg, clipseg=clipseg, other=save_clipseg_folder(top / "other", seed=1),
-                           run=run, llava=llava, splits=train_setup["work"], text=train_setup["work"] / "text.csv",
-                           root=synthetic_root)
+                           run=run, llava=save_tiny_llava(top / "llava"), qwen2_vl=save_tiny_qwen2_vl(top / "qwen2_vl"),
+                           splits=train_setup["work"], text=train_setup["work"] / "text.csv", root=synthetic_root)
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,12 @@ from safetensors.torch import load_file, save_file
 
 from common.errors import CoTexNetError
 from llava_inference import convert_llava
-from llava_inference.llava_model import LlavaDescriber
+from llava_inference.transformers_backend import TransformersDescriber
 from tests.llava_original import (
     IMAGE,
     PATCH,
     PROMPT,
+    clip_state,
     reference_ids,
     reference_logits,
     reference_pixels,
@@ -59,7 +60,7 @@ def converted(original, tmp_path_factory):
 def check_against_original(folder, original) -> None:
     """The converted folder, through get_text's describer, gives the original's prompt, token ids, pixels, logits."""
     src, _, _, logits = original
-    describer = LlavaDescriber(folder, constrain=False)
+    describer = TransformersDescriber(folder, constrain=False)
     assert describer.prompt("polyp area") == PROMPT
     inputs = describer.inputs([ROI], ["polyp area"])
     before, after = reference_ids(src)
@@ -184,9 +185,10 @@ def test_a_tower_in_the_checkpoint_is_kept(original, tmp_path):
     src, clip, _, _ = original
     own = shutil.copytree(src, tmp_path / "own-tower")
     # as the original saves a tuned tower: its CLIPVisionTower holds a CLIPVisionModel
-    tuned = {"model.vision_tower.vision_tower." + k: v + 1 for k, v in load_file(clip / "model.safetensors").items()
-             if k.startswith("vision_model.")}
-    torch.save(tuned, own / "pytorch_model-00003-of-00003.bin")
+    tuned = {"model.vision_tower.vision_tower." + k: (v + 1).half() for k, v in clip_state(clip).items()
+             if k.startswith("vision_model.") and not k.endswith("position_ids")}
+    buffer = {"model.vision_tower.vision_tower.vision_model.embeddings.position_ids": torch.arange(17)[None]}
+    torch.save({**tuned, **buffer}, own / "pytorch_model-00004-of-00004.bin")
     out = convert_llava.convert(own, clip, tmp_path / "out")
     state = LlavaForConditionalGeneration.from_pretrained(out).state_dict()
     for key, value in tuned.items():
@@ -206,7 +208,7 @@ def test_a_stopped_conversion_leaves_nothing_a_rerun_refuses(original, tmp_path)
 
 
 def test_converted_folder_answers_through_get_texts_describer(converted):
-    describer = LlavaDescriber(converted, max_new_tokens=200)
+    describer = TransformersDescriber(converted, max_new_tokens=200)
     (attrs, tries), = describer.describe([ROI], ["polyp area"], [1], 1)
     assert attrs is not None and tries == 1
 
@@ -217,3 +219,28 @@ def test_converter_refuses_what_it_cannot_convert(original, tmp_path):
         convert_llava.convert(tmp_path / "nothing", clip, tmp_path / "a")
     with pytest.raises(CoTexNetError, match="--vision-tower"):
         convert_llava.convert(src, tmp_path / "no-clip", tmp_path / "b")
+
+
+def test_real_layout_converts_and_the_report_names_the_buffers_left_out(original, tmp_path, capsys):
+    """The fixtures are laid out as the real folders: the CLIP folder one pytorch_model.bin with the
+    text tower and both position_ids buffers; LLaVA three fp16 .bin shards with their index."""
+    src, clip, _, _ = original
+    assert {"text_model.embeddings.position_ids", "vision_model.embeddings.position_ids",
+            "text_model.embeddings.token_embedding.weight"} <= set(clip_state(clip))
+    assert sorted(p.name for p in src.glob("pytorch_model*")) == [
+        *(f"pytorch_model-0000{i}-of-00003.bin" for i in (1, 2, 3)), "pytorch_model.bin.index.json"]
+    convert_llava.main(["--src", str(src), "--vision-tower", str(clip), "--out", str(tmp_path / "hf")])
+    assert ("left out 1 buffers that transformers rebuilds itself (not weights): vision_model.embeddings.position_ids"
+            in capsys.readouterr().out)
+
+
+def test_a_buffer_the_model_does_not_rebuild_is_still_refused(original, tmp_path):
+    src, clip, _, _ = original
+    odd = shutil.copytree(clip, tmp_path / "clip-odd")
+    state = clip_state(odd)
+    state["vision_model.embeddings.patch_ids"] = torch.arange(16)[None]
+    torch.save(state, odd / "pytorch_model.bin")
+    with pytest.raises(CoTexNetError, match="conversion check failed, output removed; unexpected: "
+                                            "model.vision_tower.embeddings.patch_ids$"):
+        convert_llava.convert(src, odd, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

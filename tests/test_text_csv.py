@@ -152,7 +152,7 @@ def test_describers_yield_every_row_in_batches_and_write_nothing(synthetic):
     calls = []
     answer = Attributes(1, "center", "crescent", "large", "blue")
 
-    class Scripted:  # LlavaDescriber.describe's contract: (attributes or None, answers drawn) per ROI
+    class Scripted:  # Describer.describe's contract: (attributes or None, answers drawn) per ROI
         def describe(self, images, keywords, max_numbers, max_retries):
             calls.append(len(images))
             return [(None, max_retries) if len(calls) == 1 else (answer, 1)] * len(images)

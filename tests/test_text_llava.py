@@ -9,7 +9,8 @@ import torch
 
 import get_text
 from common.errors import CoTexNetError
-from llava_inference.llava_model import LlavaDescriber, check_model_folder
+from llava_inference.model_folder import check_model_folder
+from llava_inference.transformers_backend import TransformersDescriber
 from tests.llava_original import reference_pixels
 from tests.text_fixtures import *  # noqa: F403 (session fixtures)
 
@@ -51,7 +52,7 @@ def test_free_answers_are_retried_then_fall_back(synthetic, tiny_llava, tmp_path
 @pytest.mark.parametrize("height, width", [(24, 60), (60, 24)])
 def test_a_non_square_roi_is_padded_to_a_square_not_cropped(tiny_llava, height, width):
     # llava-hf folders ship a CLIPImageProcessor (resize the short side, centre-crop): the describer pads first.
-    describer = LlavaDescriber(tiny_llava, constrain=False)
+    describer = TransformersDescriber(tiny_llava, constrain=False)
     processor = describer.processor.image_processor
     assert not getattr(processor, "do_pad", False)
     roi = np.zeros((height, width, 3), np.uint8)

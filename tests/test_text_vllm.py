@@ -150,7 +150,7 @@ def test_vllm_inputs_are_the_transformers_inputs(vllm_python, tiny_vllm_llava, t
     """First-token log-probabilities of non-square ROIs equal transformers' to 1e-4: same padding,
     pixels, prompt tokens and weights. The comparison sees the image: cropping instead of padding
     moves them by 1e-2. Free answers of the random model are no JSON: 2 tries, then none."""
-    from llava_inference.llava_model import LlavaDescriber
+    from llava_inference.transformers_backend import TransformersDescriber
 
     rng = np.random.default_rng(0)
     rois = []
@@ -165,7 +165,7 @@ def test_vllm_inputs_are_the_transformers_inputs(vllm_python, tiny_vllm_llava, t
     assert done.returncode == 0 and NET_GUARD not in done.stderr, done.stderr[-3000:]
     probe = json.loads((tmp_path / "probe.json").read_text())
 
-    describer = LlavaDescriber(tiny_vllm_llava, constrain=False)
+    describer = TransformersDescriber(tiny_vllm_llava, constrain=False)
 
     @torch.inference_mode()
     def first_token(inputs) -> torch.Tensor:

@@ -2,11 +2,11 @@
 
 import pytest
 
-__all__ = ["synthetic", "synthetic_multiclass", "tiny_llava"]
+__all__ = ["synthetic", "synthetic_multiclass", "tiny_llava", "tiny_llava_64", "tiny_vlm"]
 
 from data_process import make_ROI_img
 from data_process.make_synthetic import make_synthetic
-from model.tiny import save_tiny_llava
+from model.tiny import TINY_VLMS, save_tiny_llava
 
 
 def _dataset(root, multiclass: bool, count: int):
@@ -30,3 +30,15 @@ def synthetic_multiclass(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_llava(tmp_path_factory):
     return save_tiny_llava(tmp_path_factory.mktemp("tiny_llava"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_64(tmp_path_factory):
+    """The tiny LLaVA-1.5 with widths bitsandbytes can quantise (64: NF4 blocks need 64 inputs)."""
+    return save_tiny_llava(tmp_path_factory.mktemp("tiny_llava_64"), width=64)
+
+
+@pytest.fixture(scope="session", params=sorted(set(TINY_VLMS) - {"llava"}))
+def tiny_vlm(request, tmp_path_factory):
+    """Each tiny architecture beside LLaVA-1.5 (LLaVA-NeXT, Qwen2-VL): (model type, folder)."""
+    return request.param, TINY_VLMS[request.param](tmp_path_factory.mktemp(request.param))

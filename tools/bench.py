@@ -10,8 +10,11 @@ encoder also on the evaluation path), so that the speed-up is measured under the
 and it prints the paper code's own figures (quiet machine of this kind) for reference.
 
 Text generation: ROIs/s of the tiny random LLaVA, batch 1 unconstrained (the paper's way)
-vs one batched grammar-constrained call. `--vllm` times only stage 2's two backends instead
-(transformers batched vs the vLLM engine, which runs in a child process under the vLLM venv).
+vs one batched grammar-constrained call; then ROIs/s, peak RSS and weight size of a tiny LLaVA
+with quantisable widths in bf16, 8bit and 4bit (get_text.py --quantize), a child process each,
+and the weights of LLaVA-1.5-13B in each mode computed from its parameter counts. `--vllm` times
+only stage 2's two backends instead (transformers batched vs the vLLM engine, which runs in a
+child process under the vLLM venv).
 
 In one run: this code in fp32 and, on a CPU with native bf16 (what train.py then picks), in bf16
 with the frozen CLIP cast once, beside the paper-like computation in fp32 (the paper's AMP is
@@ -433,7 +436,7 @@ def valid(answers) -> int:
 def bench_text(args) -> list[str]:
     """ROIs/s of the tiny LLaVA: batch 1 unconstrained (the paper's way) vs batched constrained."""
     try:
-        from llava_inference.llava_model import LlavaDescriber
+        from llava_inference.transformers_backend import TransformersDescriber
         from model.tiny import save_tiny_llava
     except ImportError as err:
         return [f"text generation: skipped ({err})"]
@@ -447,8 +450,8 @@ def bench_text(args) -> list[str]:
     progress(f"text generation: {args.llava_single} ROIs one by one (twice), {args.llava_batch} in one batch")
     with tempfile.TemporaryDirectory() as tmp:
         path = save_tiny_llava(Path(tmp) / "llava")
-        free = LlavaDescriber(path, constrain=False, max_new_tokens=args.max_new_tokens)
-        constrained = LlavaDescriber(path, constrain=True, max_new_tokens=args.max_new_tokens)
+        free = TransformersDescriber(path, constrain=False, max_new_tokens=args.max_new_tokens)
+        constrained = TransformersDescriber(path, constrain=True, max_new_tokens=args.max_new_tokens)
         free.generate(images[:1], [keyword])  # warm-up
         constrained.generate(images[:2], [keyword] * 2)
         n1 = args.llava_single
@@ -469,6 +472,71 @@ def bench_text(args) -> list[str]:
              f"{f'{valid(batched)}/{len(images)}':>15}{f'{rb / r1:.1f}x':>12}",
              f"target: batched constrained >= 4x batch 1: {'met' if rb >= 4 * r1 else 'MISSED'}; "
              f"at most {args.max_new_tokens} new tokens, temperature 0.2"]
+    return lines
+
+
+QUANTIZE_MODES = ("none", "8bit", "4bit")
+
+
+def measure_text_mode(args) -> None:
+    """Child process of the bench: the tiny LLaVA at `args.llava_dir` loaded in `args.text_of`,
+    a warm-up call, then timed batched constrained calls; peak RSS of the whole process."""
+    from llava_inference.transformers_backend import TransformersDescriber
+
+    mode = args.text_of
+    describer = TransformersDescriber(args.llava_dir, quantize=mode, dtype="bfloat16" if mode == "none" else "auto",
+                                      max_new_tokens=args.max_new_tokens)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(args.llava_batch)]
+    keywords = ["polyp area"] * len(images)
+    describer.generate(images[:2], keywords[:2])
+    times = [_timed(describer.generate, images, keywords) for _ in range(args.text_rounds)]
+    print(json.dumps(dict(rois_per_s=len(images) / statistics.median(times), peak_rss_gb=peak_rss_gb(),
+                          weight_mb=describer.model.get_memory_footprint(return_buffers=False) / 2**20)))
+
+
+def _timed(fn, *arguments) -> float:
+    start = time.perf_counter()
+    fn(*arguments)
+    return time.perf_counter() - start
+
+
+def bench_text_quantized(args) -> list[str]:
+    """ROIs/s, peak RSS and weight size of the tiny LLaVA in bf16, 8bit and 4bit (a child process
+    each, one after the other), and the weights of LLaVA-1.5-13B in each mode from its parameter counts."""
+    from llava_inference.quantization import weight_bytes
+    from model.tiny import real_size_llava_config, save_tiny_llava
+
+    progress(f"text generation per --quantize mode: {args.text_rounds} batched calls of {args.llava_batch} ROIs each")
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_tiny_llava(Path(tmp) / "llava", width=64)
+        for mode in QUANTIZE_MODES:
+            command = [sys.executable, str(Path(__file__).resolve()), "--text-of", mode, "--llava-dir", str(folder),
+                       "--llava-batch", str(args.llava_batch), "--text-rounds", str(args.text_rounds),
+                       "--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads)]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                progress(f"--quantize {mode}: child failed ({(done.stderr.strip().splitlines() or ['no output'])[-1]})")
+                continue
+            results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+    names = {"none": "bf16", "8bit": "8bit", "4bit": "4bit (nf4)"}
+    lines = [f"{'tiny LLaVA (widths 64), batched constrained':<46}{'ROIs/s':>9}{'peak RSS (GB)':>15}{'weights (MB)':>14}"]
+    for mode, result in results.items():
+        lines.append(f"{names[mode]:<46}{result['rois_per_s']:>9.2f}{result['peak_rss_gb']:>15.2f}"
+                     f"{result['weight_mb']:>14.3f}")
+    from transformers import LlavaForConditionalGeneration
+
+    with torch.device("meta"):
+        real = LlavaForConditionalGeneration(real_size_llava_config())
+    text = real.config.text_config
+    kv = 2 * text.num_hidden_layers * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) * 2
+    params = sum(p.numel() for p in real.parameters()) / 1e9
+    lines.append(f"LLaVA-1.5-13B weights ({params:.2f} B parameters, computed): " + ", ".join(
+        f"{names[mode]} {weight_bytes(real, mode) / 1e9:.1f} GB" for mode in QUANTIZE_MODES)
+        + f"; KV cache {kv / 2**20:.2f} MiB per token in 16 bits")
+    lines.append("the processes run one after the other (not interleaved): compare the ratios on a quiet machine; "
+                 "at this size the peak RSS is the runtime's (torch, transformers, bitsandbytes), not the weights'")
     return lines
 
 
@@ -496,7 +564,7 @@ def bench_vllm(args) -> list[str]:
     """ROIs/s of get_text's two backends on the tiny LLaVA that both load, constrained and greedy:
     transformers in batches (get_text's --batch-size) and in one call, vLLM (a child process under
     the vLLM venv's Python) in one call, which it batches as it goes."""
-    from llava_inference.llava_model import LlavaDescriber
+    from llava_inference.transformers_backend import TransformersDescriber
     from model.tiny_vllm import save_tiny_vllm_llava
 
     python = Path(args.vllm_python)
@@ -508,7 +576,7 @@ def bench_vllm(args) -> list[str]:
         path = save_tiny_vllm_llava(Path(tmp) / "llava")
         progress(f"transformers: {len(rois)} ROIs in batches of {args.llava_batch}, then in one call")
         start = time.perf_counter()
-        describer = LlavaDescriber(path, temperature=0, max_new_tokens=args.max_new_tokens)
+        describer = TransformersDescriber(path, temperature=0, max_new_tokens=args.max_new_tokens)
         load_s = time.perf_counter() - start
         describer.generate(rois[:2], [keyword] * 2)  # warm-up
         start = time.perf_counter()
@@ -556,13 +624,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val-batches", type=int, default=4, help="validation batches per pass (default 4)")
     parser.add_argument("--no-baseline", dest="baseline", action="store_false",
                         help="skip the paper-like path (halves the run time)")
-    parser.add_argument("--no-text", dest="text", action="store_false", help="skip the text-generation table")
+    parser.add_argument("--no-text", dest="text", action="store_false", help="skip the text-generation tables")
+    parser.add_argument("--text-only", dest="segmentation", action="store_false",
+                        help="only the text-generation tables (LLaVA batched vs batch 1, and per --quantize mode)")
     parser.add_argument("--llava-single", type=int, default=4, help="ROIs generated one by one (default 4)")
     parser.add_argument("--llava-batch", type=int, default=16, help="ROIs in the batched call (default 16)")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="generation limit (default 512, the paper's)")
     parser.add_argument("--compile", action="store_true",
                         help="also time the model with torch.compile (TRAIN.compile) and report its first-step cost")
     parser.add_argument("--quick", action="store_true", help="tiny model and few steps: a smoke test of this script")
+    parser.add_argument("--text-rounds", type=int, default=3, help="timed batched calls per --quantize mode (default 3)")
     parser.add_argument("--vllm", action="store_true",
                         help="time only stage 2's backends on the tiny LLaVA: transformers vs vLLM (make bench-vllm)")
     parser.add_argument("--vllm-python", default=str(Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"),
@@ -570,18 +641,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vllm-rois", type=int, default=64, help="ROIs per backend with --vllm (default 64)")
     parser.add_argument("--rss-of", choices=["fp32", "bf16", "paper"], help=argparse.SUPPRESS)  # the child process
     parser.add_argument("--vllm-worker", help=argparse.SUPPRESS)  # the child process in the vLLM venv
+    parser.add_argument("--text-of", choices=QUANTIZE_MODES, help=argparse.SUPPRESS)  # the child process
+    parser.add_argument("--llava-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if min(args.batch, args.threads, args.steps, args.val_batches, args.llava_single, args.llava_batch,
-           args.vllm_rois) < 1 \
+           args.text_rounds, args.vllm_rois) < 1 \
             or args.warmup < 1:
-        raise CoTexNetError("--batch, --threads, --steps, --warmup, --val-batches, --llava-*, --vllm-rois: must be >= 1")
+        raise CoTexNetError("--batch, --threads, --steps, --warmup, --val-batches, --llava-*, --text-rounds, --vllm-rois: "
+                            "must be >= 1")
     if args.quick:
         args.steps, args.warmup, args.val_batches = min(args.steps, 3), min(args.warmup, 1), min(args.val_batches, 2)
         args.llava_single, args.llava_batch, args.max_new_tokens = 2, 4, min(args.max_new_tokens, 64)
+        args.text_rounds = 1
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.rss_of:
         measure_rss(args)
+        return
+    if args.text_of:
+        measure_text_mode(args)
         return
     if args.vllm_worker:
         vllm_worker(args)
@@ -597,28 +675,30 @@ def main(argv: list[str] | None = None) -> None:
 
     size = "tiny" if args.quick else "real size (CIDAS/clipseg-rd64-refined architecture, random weights)"
     chosen = "what train.py picks on this CPU" if args.dtype == default_dtype() else f"train.py picks {default_dtype()}"
-    print(f"settings: {size}, batch {args.batch}, {args.threads} threads, precision {args.dtype} ({chosen}), 224 px, "
-          f"{args.steps} timed rounds after {args.warmup} warm-up")
+    if args.segmentation:
+        print(f"settings: {size}, batch {args.batch}, {args.threads} threads, precision {args.dtype} ({chosen}), "
+              f"224 px, {args.steps} timed rounds after {args.warmup} warm-up")
     print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
           f"({torch.backends.cpu.get_cpu_capability()}, native bf16: {cpu_has_native_bf16()}), transformers {transformers.__version__}; at start {load()}",
           flush=True)
-    rows, notes = [], []
-    bench_segmentation(args, rows, notes)
-    ours = ["this code, fp32"] + (["this code, bf16"] if args.dtype == "bf16" else [])
-    header = ("", *ours, "paper-like fp32", "paper code", "target (bf16 column where there is one)")
-    widths = [38, *[17] * len(ours), 17, 12, 42]
-    print()
-    for row in [header, tuple("-" * (w - 1) for w in widths), *rows]:
-        print("".join(f"{cell:<{w}}" if i in (0, len(row) - 1) else f"{cell:>{w - 1}} "
-                      for i, (cell, w) in enumerate(zip(row, widths, strict=True))))
-    print("paper-like: the paper's computation timed on the same weights in this run, alternating with ours "
-          "(see --help); paper code: its own figures on a quiet machine with native bf16; frozen ViT forward "
-          "alone: this code's encoder over a step's 2 x batch images, the floor of a step")
-    for note in notes:
-        print(note)
+    if args.segmentation:
+        rows, notes = [], []
+        bench_segmentation(args, rows, notes)
+        ours = ["this code, fp32"] + (["this code, bf16"] if args.dtype == "bf16" else [])
+        header = ("", *ours, "paper-like fp32", "paper code", "target (bf16 column where there is one)")
+        widths = [38, *[17] * len(ours), 17, 12, 42]
+        print()
+        for row in [header, tuple("-" * (w - 1) for w in widths), *rows]:
+            print("".join(f"{cell:<{w}}" if i in (0, len(row) - 1) else f"{cell:>{w - 1}} "
+                          for i, (cell, w) in enumerate(zip(row, widths, strict=True))))
+        print("paper-like: the paper's computation timed on the same weights in this run, alternating with ours "
+              "(see --help); paper code: its own figures on a quiet machine with native bf16; frozen ViT forward "
+              "alone: this code's encoder over a step's 2 x batch images, the floor of a step")
+        for note in notes:
+            print(note)
     if args.text:
         print()
-        for line in bench_text(args):
+        for line in bench_text(args) + [""] + bench_text_quantized(args):
             print(line)
     print(f"\nat end: {load()}")
 
