@@ -85,6 +85,8 @@ def _options(settings: dict) -> str:
     for key, value in settings.items():
         if key == "constrain":
             flags += [] if value else ["--no-constrain"]
+        elif key == "backend":  # as constrain: named where it is not get_text.py's default
+            flags += [] if value == "transformers" else [f"--backend {value}"]
         elif key == "keywords":
             flags.append(f"--keywords '{','.join(value or ())}'")
         else:

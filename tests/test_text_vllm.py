@@ -237,6 +237,7 @@ def test_a_rerun_with_the_other_backend_is_refused(vllm_python, transformers_csv
     out.with_name("t.settings.json").write_bytes(transformers_csv.with_name("t.settings.json").read_bytes())
     done = _vllm(vllm_python, _args(synthetic, tiny_vllm_llava, out, "--backend", "vllm", *GREEDY), status=2)
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: {out}: its 50 earlier rows were made with") and "--backend transformers" in last
-    assert "this run asks for" in last and last.endswith("or with the earlier options to continue")
+    made, asked = last.split("this run asks for")
+    assert made.startswith(f"error: {out}: its 50 earlier rows were made with") and "--backend" not in made
+    assert "--backend vllm" in asked and last.endswith("or with the earlier options to continue")
     assert out.read_bytes() == transformers_csv.read_bytes()
