@@ -18,11 +18,13 @@ LLaVA-1.5-13B in 4 bits fits one 12 GB GPU.
 Output: text_file/<dataset>/<dataset>_text_out.csv (the paper's columns + source, tries).
 Results are appended to a .partial CSV as they come: rerunning after a crash or kill skips
 the ROIs already done (--overwrite removes the earlier CSVs and starts over). The options the
-rows are made with (describer, keywords; with a model its folder or id, quantisation, decoding and seed) are kept
+rows are made with (describer, keywords; with a model its folder or id, quantisation, backend, decoding and seed) are kept
 in <out stem>.settings.json beside the CSV: a
 rerun with others is refused, so that one CSV never mixes two settings.
 
-One process spreads the model over every visible GPU. Data parallel: `accelerate launch
+One process spreads the model over every visible GPU. `--backend vllm` runs the model on the vLLM
+engine instead, split over `--tensor-parallel N` GPUs (get_text.py then runs under the vLLM venv's
+Python: `make vllm-venv`; same CSV, resume, retries and fallback). Data parallel: `accelerate launch
 --multi_gpu --num_processes N get_text.py ...` (also on CPU-only machines, over gloo)
 gives each process a shard of the ROIs and its own slice of the GPUs; the main process
 merges the shards into the final CSV (across nodes the output folder must be shared).
@@ -32,6 +34,8 @@ Examples:
   python get_text.py --dataset-name kvasir --model-path ./llava_inference/llava-v1.5-13b-hf --quantize 4bit
   python get_text.py --dataset-name kvasir --model-path Qwen/Qwen2-VL-7B-Instruct
   python get_text.py --dataset-name kvasir --describer geometry
+  .venv-vllm/bin/python get_text.py --dataset-name kvasir --model-path ./llava_inference/llava-v1.5-13b-hf \
+      --backend vllm --tensor-parallel 2
   accelerate launch --multi_gpu --num_processes 4 get_text.py --dataset-name kvasir \
       --model-path ./llava_inference/llava-v1.5-13b-hf --batch-size 16
 """
@@ -61,7 +65,12 @@ def parse_args(argv):
     parser.add_argument("--mask-format", help="mask extension, e.g. .png (default: the registry's, else any image)")
     parser.add_argument("--keywords", help="what the masks show, e.g. 'polyp area'; multi-class: one per category, comma-separated")
     parser.add_argument("--describer", choices=["llava", "geometry", "hybrid"], default="llava", help="see above")
-    parser.add_argument("--batch-size", type=int, default=8, help="ROIs per generate() call")
+    parser.add_argument("--backend", choices=["transformers", "vllm"], default="transformers",
+                        help="what runs the model: transformers (this venv), or the vLLM engine (run get_text.py with "
+                             "the vLLM venv's Python: make vllm-venv, then .venv-vllm/bin/python get_text.py ...)")
+    parser.add_argument("--tensor-parallel", type=int, default=1,
+                        help="vllm: GPUs one copy of the model is split over (a divisor of its attention heads)")
+    parser.add_argument("--batch-size", type=int, help="ROIs per generate() call (default 8; vllm: 256, which it batches as it goes)")
     parser.add_argument("--max-retries", type=int, default=5, help="answers drawn per ROI at most before the geometry fallback")
     parser.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto",
                         help="weights on GPU (auto: bfloat16 where supported, else float16; CPU: float32; "
@@ -73,8 +82,14 @@ def parse_args(argv):
     parser.add_argument("--temperature", type=float, default=0.2, help="sampling temperature (paper: 0.2; 0 = greedy)")
     parser.add_argument("--overwrite", action="store_true", help="remove the results of earlier runs and describe every ROI again")
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.max_retries < 1 or args.max_new_tokens < 1:
-        parser.error("--batch-size, --max-retries and --max-new-tokens must be at least 1")
+    if args.batch_size is None:
+        args.batch_size = 256 if args.backend == "vllm" else 8
+    if args.tensor_parallel != 1 and args.backend != "vllm":
+        parser.error("--tensor-parallel needs --backend vllm (transformers spreads the model over every visible GPU)")
+    if args.quantize != "none" and args.backend == "vllm":
+        parser.error("--quantize needs --backend transformers (vLLM runs the checkpoint's own precision)")
+    if args.tensor_parallel < 1 or args.batch_size < 1 or args.max_retries < 1 or args.max_new_tokens < 1:
+        parser.error("--tensor-parallel, --batch-size, --max-retries and --max-new-tokens must be at least 1")
     return args
 
 

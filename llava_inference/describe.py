@@ -7,11 +7,12 @@ row to the resumable CSV (text_to_csv.ResultWriter), and on the main process mer
 into the final CSV. The describers are generators of finished rows (`geometry_rows`,
 `model_rows`): they read files and ask the model, and write nothing; `run` writes every row and
 advances the progress bar in one place. The model is a `describer.Describer` of the backend
-`load_describer` picks (transformers: any image-text-to-text model).
+`load_describer` picks (transformers: any image-text-to-text model; vllm: the vLLM engine).
 
 Data parallel: under `accelerate launch` (or torchrun) each process takes every N-th ROI still
 to do and its own slice of the GPUs; alone, a process takes every ROI and spreads the model over
-every visible GPU.
+every visible GPU. `--backend vllm` runs one process: the vLLM engine batches the ROIs itself and
+splits the model over `--tensor-parallel` GPUs (llava_inference/vllm_describer.py).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from llava_inference.quantization import meta_model, quantization_config, requir
 from llava_inference.text_to_csv import ResultWriter, empty_row, make_row, start_output
 
 # What a settings record written before an option existed means: the option's value then.
-EARLIER_DEFAULTS = {"quantize": "none"}
+EARLIER_DEFAULTS = {"quantize": "none", "backend": "transformers"}
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,8 @@ class Job:
     describer: str             # llava | geometry | hybrid
     model_path: str            # folder or Hugging Face id
     quantize: str              # none | 8bit | 4bit
+    backend: str               # transformers | vllm
+    tensor_parallel: int       # vllm: GPUs one copy of the model is split over
     batch_size: int
     max_retries: int
     dtype: str
@@ -167,16 +170,22 @@ def process_gpus(state) -> list[int]:
 
 
 def recorded_settings(job: Job, keywords, model: ModelSource | None) -> dict:
-    """What the rows depend on (not how fast they come: batch size, dtype): one CSV never mixes two."""
+    """What the rows depend on (not how fast they come: batch size, dtype, tensor parallel): one CSV
+    never mixes two. The backend is one of them: its kernels may round differently."""
     settings = {"describer": job.describer, "keywords": list(keywords)}
     if model is not None:
-        settings.update(model_path=model.name, quantize=job.quantize, constrain=job.constrain,
+        settings.update(model_path=model.name, quantize=job.quantize, backend=job.backend, constrain=job.constrain,
                         temperature=job.temperature, max_new_tokens=job.max_new_tokens, seed=job.seed)
     return settings
 
 
 def load_describer(job: Job, model: ModelSource, gpus: list[int]) -> Describer:
-    """The describer that runs `model` for this job (one backend so far: transformers)."""
+    """The describer that runs `model` for this job, on the backend it names."""
+    if job.backend == "vllm":
+        from llava_inference.vllm_describer import VllmDescriber
+
+        return VllmDescriber(model, dtype=job.dtype, constrain=job.constrain, max_new_tokens=job.max_new_tokens,
+                             temperature=job.temperature, seed=job.seed, tensor_parallel=job.tensor_parallel)
     from llava_inference.transformers_backend import TransformersDescriber
 
     return TransformersDescriber(model, dtype=job.dtype, quantize=job.quantize, constrain=job.constrain,
@@ -200,11 +209,19 @@ def run(job: Job) -> Summary | None:
         model = inspect_model(job.model_path)  # before anything is written
         if job.quantize != "none":  # a model bitsandbytes cannot quantise is refused here too
             quantization_config(job.quantize, meta_model(model.location), torch.bfloat16)
+        if job.backend == "vllm":
+            from llava_inference.vllm_describer import import_vllm
+
+            import_vllm()
 
     from accelerate import PartialState  # one process unless started by `accelerate launch` / torchrun
 
-    # cpu=True on CPU-only machines: several processes there then talk over gloo.
-    state = PartialState(cpu=not torch.cuda.is_available())
+    # cpu=True on CPU-only machines: several processes there then talk over gloo. vLLM's engine
+    # takes the GPUs itself: its caller keeps off them.
+    state = PartialState(cpu=job.backend == "vllm" or not torch.cuda.is_available())
+    if job.backend == "vllm" and state.num_processes > 1:
+        raise CoTexNetError("--backend vllm: start one process (not accelerate launch or torchrun); the engine "
+                            "batches every ROI itself and splits the model over --tensor-parallel N GPUs")
     keywords = named.categories or (named.keyword,)
     items = list_rois(dataset_dir, spec, keywords, job.img_format, job.mask_format)
     if state.is_main_process:

@@ -1,6 +1,6 @@
 """The describer interface: a vision-language model that answers the paper's question about ROIs.
 
-A backend (transformers here; a serving engine beside it) is one subclass of `Describer` that
+A backend (transformers_backend.py; vllm_describer.py, the vLLM engine) is one subclass of `Describer` that
 implements `generate(images, keywords) -> one answer string per ROI`, building each prompt
 with `llava_inference.prompts` (the model family's format) and, when constrained, decoding
 under `answer_grammar` compiled from the model's own tokenizer. `describe` (validation,
@@ -17,8 +17,17 @@ import numpy as np
 from llava_inference.attributes import AnswerError, Attributes, json_schema, parse_answer
 
 
+def answer_schema_grammar():
+    """The xgrammar grammar of one answer (`attributes.json_schema`), before any tokenizer; its text
+    is what a serving engine takes. No free whitespace: a weak model could otherwise pad with spaces
+    up to the token limit."""
+    import xgrammar as xgr
+
+    return xgr.Grammar.from_json_schema(json.dumps(json_schema()), any_whitespace=False)
+
+
 def answer_grammar(tokenizer, vocab_size: int, stop_token_ids: list[int]):
-    """The compiled xgrammar grammar of one answer (`attributes.json_schema`) for this tokenizer.
+    """The compiled xgrammar grammar of one answer (`answer_schema_grammar`) for this tokenizer.
 
     `vocab_size`: the model's logits width, which may exceed the tokenizer's (llava-hf: 32064
     rows); `stop_token_ids`: the tokens generation stops on, the only ones allowed after the JSON.
@@ -26,8 +35,7 @@ def answer_grammar(tokenizer, vocab_size: int, stop_token_ids: list[int]):
     import xgrammar as xgr
 
     info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
-    # No free whitespace: a weak model could otherwise pad with spaces up to the token limit.
-    return xgr.GrammarCompiler(info).compile_json_schema(json.dumps(json_schema()), any_whitespace=False)
+    return xgr.GrammarCompiler(info).compile_grammar(answer_schema_grammar())
 
 
 class Describer(ABC):

@@ -12,14 +12,17 @@ and it prints the paper code's own figures (quiet machine of this kind) for refe
 Text generation: ROIs/s of the tiny random LLaVA, batch 1 unconstrained (the paper's way)
 vs one batched grammar-constrained call; then ROIs/s, peak RSS and weight size of a tiny LLaVA
 with quantisable widths in bf16, 8bit and 4bit (get_text.py --quantize), a child process each,
-and the weights of LLaVA-1.5-13B in each mode computed from its parameter counts.
+and the weights of LLaVA-1.5-13B in each mode computed from its parameter counts. `--vllm` times
+only stage 2's two backends instead (transformers batched vs the vLLM engine, which runs in a
+child process under the vLLM venv).
 
 In one run: this code in fp32 and, on a CPU with native bf16 (what train.py then picks), in bf16
 with the frozen CLIP cast once, beside the paper-like computation in fp32 (the paper's AMP is
 CUDA-only) and the frozen ViT forward alone (the floor of a training step); peak RSS of each
 configuration's training, each measured in a child process of its own.
 
-Run: `make bench`, or `python tools/bench.py [--quick] [--batch 4] [--threads 2] [--dtype bf16]`.
+Run: `make bench`, or `python tools/bench.py [--quick] [--batch 4] [--threads 2] [--dtype bf16]`;
+`make bench-vllm` for `--vllm`.
 Timings are medians of rounds in which the configurations take turns; on a shared machine they
 vary with its load (printed with the table): compare the ratios.
 """
@@ -418,10 +421,21 @@ def _f(value, digits: int = 3) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
+def valid(answers) -> int:
+    """How many answers parse as the five attributes."""
+    from llava_inference.attributes import AnswerError, parse_answer
+
+    ok = 0
+    for answer in answers:
+        with contextlib.suppress(AnswerError):
+            parse_answer(answer, 3)
+            ok += 1
+    return ok
+
+
 def bench_text(args) -> list[str]:
     """ROIs/s of the tiny LLaVA: batch 1 unconstrained (the paper's way) vs batched constrained."""
     try:
-        from llava_inference.attributes import AnswerError, parse_answer
         from llava_inference.transformers_backend import TransformersDescriber
         from model.tiny import save_tiny_llava
     except ImportError as err:
@@ -432,14 +446,6 @@ def bench_text(args) -> list[str]:
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(args.llava_batch)]
     keyword = "polyp area"
-
-    def valid(answers):
-        ok = 0
-        for answer in answers:
-            with contextlib.suppress(AnswerError):
-                parse_answer(answer, 3)
-                ok += 1
-        return ok
 
     progress(f"text generation: {args.llava_single} ROIs one by one (twice), {args.llava_batch} in one batch")
     with tempfile.TemporaryDirectory() as tmp:
@@ -534,6 +540,77 @@ def bench_text_quantized(args) -> list[str]:
     return lines
 
 
+def bench_rois(count: int) -> list[np.ndarray]:
+    """The ROIs both backends are timed on (the same in the vLLM child process)."""
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (48 + i % 5 * 8, 64, 3), dtype=np.uint8) for i in range(count)]
+
+
+def vllm_worker(args) -> None:
+    """In the vLLM venv: engine start, then ROIs/s of one generate() over every ROI; JSON on stdout."""
+    from llava_inference.vllm_describer import VllmDescriber
+
+    start = time.perf_counter()
+    describer = VllmDescriber(args.vllm_worker, temperature=0, max_new_tokens=args.max_new_tokens)
+    started = time.perf_counter() - start
+    rois = bench_rois(args.vllm_rois)
+    describer.generate(rois[:2], ["polyp area"] * 2)  # warm-up
+    start = time.perf_counter()
+    answers = describer.generate(rois, ["polyp area"] * len(rois))
+    print(json.dumps({"start_s": started, "seconds": time.perf_counter() - start, "answers": answers}))
+
+
+def bench_vllm(args) -> list[str]:
+    """ROIs/s of get_text's two backends on the tiny LLaVA that both load, constrained and greedy:
+    transformers in batches (get_text's --batch-size) and in one call, vLLM (a child process under
+    the vLLM venv's Python) in one call, which it batches as it goes."""
+    from llava_inference.transformers_backend import TransformersDescriber
+    from model.tiny_vllm import save_tiny_vllm_llava
+
+    python = Path(args.vllm_python)
+    if not python.is_file():
+        raise CoTexNetError(f"--vllm-python {python}: no such file; build the vLLM venv with `make vllm-venv`")
+    rois, keyword = bench_rois(args.vllm_rois), "polyp area"
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_tiny_vllm_llava(Path(tmp) / "llava")
+        progress(f"transformers: {len(rois)} ROIs in batches of {args.llava_batch}, then in one call")
+        start = time.perf_counter()
+        describer = TransformersDescriber(path, temperature=0, max_new_tokens=args.max_new_tokens)
+        load_s = time.perf_counter() - start
+        describer.generate(rois[:2], [keyword] * 2)  # warm-up
+        start = time.perf_counter()
+        batched = [answer for i in range(0, len(rois), args.llava_batch)
+                   for answer in describer.generate(rois[i:i + args.llava_batch], [keyword] * len(rois[i:i + args.llava_batch]))]
+        t_batched = time.perf_counter() - start
+        start = time.perf_counter()
+        one_call = describer.generate(rois, [keyword] * len(rois))
+        t_one = time.perf_counter() - start
+        del describer
+        progress(f"vLLM ({python}): engine start, then {len(rois)} ROIs in one call")
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), VLLM_CPU_KVCACHE_SPACE="1",
+                   VLLM_CPU_OMP_THREADS_BIND="nobind")
+        done = subprocess.run([str(python), __file__, "--vllm-worker", str(path), "--vllm-rois", str(len(rois)),
+                               "--max-new-tokens", str(args.max_new_tokens)], env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise CoTexNetError(f"the vLLM child process failed: {done.stderr.strip().splitlines()[-1:]}")
+        engine = json.loads(next(line for line in done.stdout.splitlines() if line.startswith('{"start_s"')))
+    n = len(rois)
+    same = sum(a == b for a, b in zip(engine["answers"], one_call, strict=True))
+    valid_vllm = valid(engine["answers"])
+    r_batched, r_one, r_vllm = n / t_batched, n / t_one, n / engine["seconds"]
+    return [f"{'text generation, tiny LLaVA (random), greedy, constrained':<50}{'ROIs/s':>9}{'valid':>9}{'vs batched':>12}"
+            f"{'start (s)':>11}",
+            f"{f'transformers, batches of {args.llava_batch}':<50}{r_batched:>9.2f}{f'{valid(batched)}/{n}':>9}{'1.0x':>12}"
+            f"{load_s:>11.1f}",
+            f"{f'transformers, {n} in one call':<50}{r_one:>9.2f}{f'{valid(one_call)}/{n}':>9}{f'{r_one / r_batched:.1f}x':>12}"
+            f"{load_s:>11.1f}",
+            f"{f'vLLM {n} in one call (continuous batching)':<50}{r_vllm:>9.2f}{f'{valid_vllm}/{n}':>9}"
+            f"{f'{r_vllm / r_batched:.1f}x':>12}{engine['start_s']:>11.1f}",
+            f"answers equal to transformers' (one call): {same}/{n}; at most {args.max_new_tokens} new tokens; "
+            "start: loading the model (vLLM: the engine, its processes and warm-up)"]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=4, help="training and evaluation batch size (default 4)")
@@ -557,14 +634,21 @@ def main(argv: list[str] | None = None) -> None:
                         help="also time the model with torch.compile (TRAIN.compile) and report its first-step cost")
     parser.add_argument("--quick", action="store_true", help="tiny model and few steps: a smoke test of this script")
     parser.add_argument("--text-rounds", type=int, default=3, help="timed batched calls per --quantize mode (default 3)")
+    parser.add_argument("--vllm", action="store_true",
+                        help="time only stage 2's backends on the tiny LLaVA: transformers vs vLLM (make bench-vllm)")
+    parser.add_argument("--vllm-python", default=str(Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"),
+                        help="the vLLM venv's Python (default .venv-vllm/bin/python: make vllm-venv)")
+    parser.add_argument("--vllm-rois", type=int, default=64, help="ROIs per backend with --vllm (default 64)")
     parser.add_argument("--rss-of", choices=["fp32", "bf16", "paper"], help=argparse.SUPPRESS)  # the child process
+    parser.add_argument("--vllm-worker", help=argparse.SUPPRESS)  # the child process in the vLLM venv
     parser.add_argument("--text-of", choices=QUANTIZE_MODES, help=argparse.SUPPRESS)  # the child process
     parser.add_argument("--llava-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if min(args.batch, args.threads, args.steps, args.val_batches, args.llava_single, args.llava_batch,
-           args.text_rounds) < 1 \
+           args.text_rounds, args.vllm_rois) < 1 \
             or args.warmup < 1:
-        raise CoTexNetError("--batch, --threads, --steps, --warmup, --val-batches, --llava-*: must be >= 1")
+        raise CoTexNetError("--batch, --threads, --steps, --warmup, --val-batches, --llava-*, --text-rounds, --vllm-rois: "
+                            "must be >= 1")
     if args.quick:
         args.steps, args.warmup, args.val_batches = min(args.steps, 3), min(args.warmup, 1), min(args.val_batches, 2)
         args.llava_single, args.llava_batch, args.max_new_tokens = 2, 4, min(args.max_new_tokens, 64)
@@ -576,6 +660,15 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.text_of:
         measure_text_mode(args)
+        return
+    if args.vllm_worker:
+        vllm_worker(args)
+        return
+    if args.vllm:
+        print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs, {args.threads} threads; at start {load()}", flush=True)
+        for line in bench_vllm(args):
+            print(line)
+        print(f"\nat end: {load()}")
         return
 
     import transformers
