@@ -255,7 +255,7 @@ def test_augment_scale_copies_resample_labels_as_pil_nearest(synthetic_kvasir, t
     for stem, mask in sources.items():
         h, w = mask.shape
         for op, f in ops.items():
-            copy = np.array(Image.open(dataset / "masks" / f"{stem}_aug-scale{round(f * 100)}.png"))
+            copy = np.array(Image.open(layout.augmented_dir(dataset) / "masks" / f"{stem}_aug-scale{round(f * 100)}.png"))
             inverse = (1 / f, 0, (1 - 1 / f) * w / 2, 0, 1 / f, (1 - 1 / f) * h / 2)
             pil = np.array(Image.fromarray(mask).transform((w, h), Image.Transform.AFFINE, inverse,
                                                            Image.Resampling.NEAREST))
