@@ -7,6 +7,11 @@ from pathlib import Path
 
 import pytest
 
+# The suite is offline by design: the hub libraries must not even try (bitsandbytes, for one,
+# asks the hub for a kernel unless told it is offline), whichever way pytest was started.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
 from data_process.make_synthetic import make_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
