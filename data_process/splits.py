@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from common.errors import CoTexNetError
-from common.io import publish, read_csv, taking_turns
+from common.csv_reader import read_csv
+from common.errors import SHOW, CoTexNetError
+from common.shared_files import publish, taking_turns
 from data_process import layout
 from data_process.layout import AUGMENTED_COLUMNS, SPLIT_COLUMNS, SPLITS
 from data_process.registry import get_spec
@@ -27,7 +28,6 @@ from data_process.registry import get_spec
 SET = "split_files"  # the lock and journal of the set: <split_dir>/.split_files.lock
 KINDS = (*SPLITS, "augmented")
 FILES = [layout.split_csv("", kind).name for kind in KINDS]
-SHOW = 5
 MISSING = "make it with data_process/make_splits.py"
 
 

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from common.errors import CoTexNetError
+from data_process.decoding import read_image
 from data_process.my_dataset import read_split
-from data_process.registry import read_image
 
 REPO = Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(7)

@@ -7,7 +7,8 @@ from torchvision import tv_tensors
 
 from common.errors import CoTexNetError
 from data_process.my_dataset import SegDataset, collate, read_split
-from data_process.registry import get_spec, pair_files
+from data_process.pairing import pair_files
+from data_process.registry import get_spec
 from data_process.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 
 PROMPTS = ["one round small red polyp area, located in the left of the image.", "polyp area"]

@@ -13,10 +13,12 @@ import pytest
 
 from common.errors import CoTexNetError
 from data_process import registry
+from data_process.decoding import category_masks, read_image, read_mask
 from data_process.layout import roi_name
 from data_process.make_synthetic import make_synthetic
 from data_process.my_dataset import SegDataset, read_split
-from data_process.registry import category_masks, get_spec, pair_files, read_image, read_mask
+from data_process.pairing import pair_files
+from data_process.registry import get_spec
 from data_process.transforms import eval_transform
 
 REPO = Path(__file__).resolve().parents[1]
