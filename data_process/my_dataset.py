@@ -1,6 +1,6 @@
 """The torch Dataset of the paper: image, label map, ROI tensor, tokenised text prompt, names.
 
-    split = read_split("data_process/train_data.csv", "kvasir")
+    split = splits.read("data_process").of("kvasir", "data_process/kvasir").split("train")
     data = SegDataset("data_process", "kvasir", split, get_spec("kvasir"), train_transform(),
                       tokenizer, prompts=load_prompts(text_csv, spec))
     loader = DataLoader(data, batch_size=16, collate_fn=collate)
@@ -18,24 +18,11 @@ import pandas as pd
 import torch
 from torchvision import tv_tensors
 
-from common.csv_reader import read_csv
 from common.errors import SHOW, CoTexNetError
 from data_process.decoding import read_image, read_mask
-from data_process.layout import SPLIT_COLUMNS, stem, why_missing
+from data_process.layout import stem, why_missing
 from data_process.pairing import mask_files
 from data_process.registry import DatasetSpec
-from data_process.splits import MISSING, dataset_rows, no_rows
-
-
-def read_split(csv_path, dataset_name: str) -> pd.DataFrame:
-    """The rows of split CSV `csv_path` for `dataset_name` (columns dataset, img_name, mask_name),
-    read as `data_process.splits.dataset_rows` reads them; none is an error naming the file."""
-    csv_path = Path(csv_path)
-    table = read_csv(csv_path, SPLIT_COLUMNS, missing_hint=MISSING)
-    rows = dataset_rows(table, csv_path, dataset_name)
-    if rows.empty:
-        raise no_rows(csv_path, table, dataset_name)
-    return rows
 
 
 class SegDataset(torch.utils.data.Dataset):
