@@ -28,11 +28,13 @@ import torch
 from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
+from common.atomic import write_json
 from common.errors import CoTexNetError, run_cli
-from common.io import OutputFolder, folder_replaced, write_json
+from common.output_folders import OutputFolder, folder_replaced
 from data_process import layout
+from data_process.decoding import read_image, read_mask
 from data_process.layout import SPLITS
-from data_process.registry import get_spec, read_image, read_mask
+from data_process.registry import get_spec
 from data_process.splits import KINDS
 from model.concept_readout import CSV_COLUMNS, agreement, predicted_foreground, readout, write_csv
 from train_utils import data, gallery, report_page, reporting

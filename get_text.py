@@ -48,7 +48,7 @@ from collections import Counter
 from pathlib import Path
 
 from common.errors import run_cli
-from llava_inference import describe, quantization
+from llava_inference import quantization, text_stage
 
 
 def parse_args(argv):
@@ -95,7 +95,7 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    summary = describe.run(describe.Job(**vars(args)))
+    summary = text_stage.run(text_stage.Job(**vars(args)))
     if summary is None:  # not the main process: it only described its shard
         return
     sources = Counter(summary.table["source"])

@@ -20,9 +20,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from common.errors import CoTexNetError, run_cli
-from common.io import OutputFolder
+from common.output_folders import OutputFolder
+from data_process.decoding import read_image
 from data_process.layout import IMAGE_EXTS, check_unique_stems, list_files, why_missing
-from data_process.registry import read_image
 from model.concept_readout import CSV_COLUMNS, predicted_foreground, readout, write_csv
 from train_utils import data, reporting
 from train_utils.inference import predict_batches

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 
+from common.atomic import write_json
 from common.errors import EXIT_INTERRUPTED, CoTexNetError, run_cli
-from common.io import write_json
 from data_process.registry import REGISTRY_FILE, known_datasets
 from model.checkpoint import load_checkpoint
 from model.CoTexNet import CoTexNet

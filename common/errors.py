@@ -10,7 +10,6 @@ the same way: temporaries removed, "interrupted", exit status 130.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import mmap
 import signal
@@ -19,6 +18,7 @@ from collections.abc import Callable
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+SHOW = 5  # names a message lists as examples
 # The warnings said, as bits of a hash: anonymous shared memory, so that the processes a command
 # forks (DataLoader workers, a new set each epoch; process pools) say each warning once between
 # them. 32 Mbit: after 10,000 different warnings, a new one is lost to a collision once in ~3,000.
@@ -27,6 +27,11 @@ _SAID = mmap.mmap(-1, 1 << 22)
 
 class CoTexNetError(Exception):
     """A problem with the user's input or environment, explained in one line."""
+
+
+def not_utf8(path, err: UnicodeDecodeError, fix: str = "save it as UTF-8") -> CoTexNetError:
+    """The one message for a text file that is not UTF-8, with the first bad byte."""
+    return CoTexNetError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#x} at {err.start}); {fix}")
 
 
 def warn_once(path, what: str) -> None:
@@ -57,14 +62,6 @@ def _terminate_as_interrupt(signum, frame) -> None:
         on_interrupt(signal.SIGINT, frame)
     else:
         raise KeyboardInterrupt
-
-
-def die_with_parent() -> None:
-    """A worker process's initializer: it ends when the command that started it ends, even by kill -9
-    (Linux), instead of waiting forever for work that will not come."""
-    prctl = getattr(ctypes.CDLL(None), "prctl", None)
-    if prctl is not None:
-        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:

@@ -29,7 +29,7 @@ import os
 from pathlib import Path
 
 from common.errors import run_cli
-from data_process import augment, layout, splits
+from data_process import augmented_copies, layout, splits
 from data_process.registry import get_spec, known_datasets
 
 
@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dataset-name", required=True,
                         help=f"name in the split CSVs' dataset column ({', '.join(known_datasets())}, or another)")
     parser.add_argument("--dataset-path", required=True, type=Path, help="dataset folder holding images/ and masks/")
-    parser.add_argument("--ops", default=augment.DEFAULT_OPS,
-                        help=f"comma-separated: hflip, vflip, scale<factor> (default: {augment.DEFAULT_OPS})")
+    parser.add_argument("--ops", default=augmented_copies.DEFAULT_OPS,
+                        help=f"comma-separated: hflip, vflip, scale<factor> (default: {augmented_copies.DEFAULT_OPS})")
     parser.add_argument("--split-dir", type=Path, default=Path(layout.DEFAULT_SPLIT_DIR),
                         help=f"folder of the split CSVs (default: {layout.DEFAULT_SPLIT_DIR}/)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
@@ -54,30 +54,29 @@ def main(argv: list[str] | None = None) -> None:
     split_file = layout.split_csv(args.split_dir, "augmented")
     with splits.writing(args.split_dir):
         if args.undo:
-            rows, files = augment.undo(args.dataset_path, spec, args.split_dir, args.dry_run)
+            rows, files = augmented_copies.undo(args.dataset_path, spec, args.split_dir, args.dry_run)
             verb = "would remove" if args.dry_run else "removed"
             print(f"{spec.name}: {verb} {rows} rows of {split_file} and {files} files "
                   f"({layout.augmented_dir(args.dataset_path)}: copies, masks, ROIs)" if rows or files
                   else f"{spec.name}: no copies, nothing to undo")
             return
-        plan = augment.plan(args.dataset_path, spec, args.split_dir, augment.parse_ops(args.ops),
-                            args.allow_split_overlap)
+        ops = augmented_copies.parse_ops(args.ops)
+        plan = augmented_copies.plan(args.dataset_path, spec, args.split_dir, ops, args.allow_split_overlap)
         if plan.empty:
             print(f"{spec.name}: nothing to do, the {plan.copies} copies of the {plan.sources} train images "
                   f"are there and listed in {split_file}")
             return
-        copies = sum(len(outputs) for _, outputs in plan.write.values())
+        written = [files for *_, outputs in plan.jobs for _, files in outputs]
         if args.dry_run:
-            for _, outputs in plan.write.values():
-                for _, files in outputs:
-                    print(f"would write {' '.join(map(str, files))}")
+            for files in written:
+                print(f"would write {' '.join(map(str, files))}")
             for path in plan.remove:
                 print(f"would remove {path} (no longer a copy of a train image)")
-            print(f"{spec.name}: would write {copies} copies, list {plan.copies} in {split_file}, "
+            print(f"{spec.name}: would write {len(written)} copies, list {plan.copies} in {split_file}, "
                   f"remove {len(plan.remove)} files")
             return
-        empty = augment.run(plan, args.workers)
-    print(f"{spec.name}: {copies} copies written to {layout.augmented_dir(args.dataset_path)}, {plan.copies} listed in "
+        empty = augmented_copies.run(plan, args.workers)
+    print(f"{spec.name}: {len(written)} copies written to {layout.augmented_dir(args.dataset_path)}, {plan.copies} listed in "
           f"{split_file}, {len(plan.remove)} files of copies no longer in train removed, {empty} copies with an "
           "empty mask (kept)")
 

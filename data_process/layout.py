@@ -26,6 +26,7 @@ SPLITS = ("train", "val", "test")
 SPLIT_COLUMNS = ["dataset", "img_name", "mask_name"]  # a list: pandas reads a tuple as one key
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 ROI_EXT = ".jpg"
+JPEG_QUALITY = 95  # of the JPEG files the stages write (ROIs, augmented copies)
 CATEGORY_SEP = "__"  # ROI of one category: "<stem>__<category>.jpg"
 AUGMENT_SEP = "_aug-"  # augmented copy: "<stem>_aug-<op tag><ext>"; never read as CATEGORY_SEP
 AUGMENTED = "augmented"  # the copies' folder in a dataset folder

@@ -20,34 +20,32 @@ import sys, pathlib; sys.path[0] = str(pathlib.Path(__file__).resolve().parents[
 
 import argparse
 import os
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import cv2
-from tqdm import tqdm
 
-from common.errors import CoTexNetError, die_with_parent, run_cli
-from common.io import OutputFolder, remove_stale_temporaries, write_image
+from common.atomic import remove_stale_temporaries, write_image
+from common.errors import CoTexNetError, run_cli
+from common.output_folders import OutputFolder
+from common.workers import map_in_processes
 from data_process import layout
-from data_process.registry import DatasetSpec, category_masks, get_spec, known_datasets, pair_files, read_image
+from data_process.decoding import category_masks, read_image
+from data_process.pairing import pair_files
+from data_process.registry import DatasetSpec, get_spec, known_datasets
 
-JPEG_QUALITY = 95
 
-
-def make_rois(image_path: Path, mask_path: Path, spec: DatasetSpec, outputs: list[Path]) -> int:
-    """Write the ROIs of one image; returns how many came out all black (empty mask or category)."""
+def make_rois(job: tuple[Path, Path, DatasetSpec, list[Path]]) -> int:
+    """Write the ROIs of one image (image file, mask file, spec, ROI files); returns how many came
+    out all black (empty mask or category)."""
+    image_path, mask_path, spec, outputs = job
     image = read_image(image_path)
     masks = category_masks(mask_path, spec, size=(image.shape[1], image.shape[0]))
     empty = 0
     for inside, out in zip(masks, outputs, strict=True):
         empty += not inside.any()
         roi = cv2.cvtColor(image * inside[:, :, None], cv2.COLOR_RGB2BGR)
-        write_image(out, roi, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+        write_image(out, roi, [cv2.IMWRITE_JPEG_QUALITY, layout.JPEG_QUALITY])
     return empty
-
-
-def _run_one(job) -> int:
-    return make_rois(*job)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -86,18 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     for folder in pairings:
         remove_stale_temporaries(folder / "ROIs")  # of a run that was killed mid-write
 
-    cv2.setNumThreads(1)  # parallelism comes from the processes
-    pool = ProcessPoolExecutor(args.workers, initializer=die_with_parent) if args.workers > 1 and len(jobs) > 1 else None
-    empties = []
-    try:
-        # closed before an error propagates, so that the error stays the last line
-        with tqdm(total=len(jobs), desc=f"ROIs {spec.name}", unit="img") as bar:
-            for empty in pool.map(_run_one, jobs, chunksize=4) if pool else map(_run_one, jobs):
-                empties.append(empty)
-                bar.update()
-    finally:
-        if pool:
-            pool.shutdown(cancel_futures=True)  # on a bad file: stop at once, not after the queue
+    empties = map_in_processes(make_rois, jobs, args.workers, f"ROIs {spec.name}")
     without = sum(len(pairing.images_without_mask) for pairing in pairings.values())
     print(f"{spec.name}: {len(jobs)} images done, {skipped} skipped (ROIs already there), "
           f"{sum(empties)} empty ROIs (all black, kept), {without} images without mask; "

@@ -32,12 +32,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.errors import CoTexNetError, run_cli
-from common.io import read_csv
+from common.csv_reader import read_csv
+from common.errors import SHOW, CoTexNetError, run_cli
 from data_process import layout, splits
-from data_process.augment import refuse_earlier_copies
+from data_process.augmented_copies import refuse_earlier_copies
 from data_process.layout import SPLIT_COLUMNS, SPLITS
-from data_process.registry import get_spec, pair_files
+from data_process.pairing import pair_files
+from data_process.registry import get_spec
 
 
 def split_pairs(pairs: list[tuple[str, str]], ratios=(0.8, 0.1, 0.1), seed: int = 666) -> dict[str, list]:
@@ -65,11 +66,11 @@ def pairs_from_list(pairs: list[tuple[str, str]], list_csv: Path) -> dict[str, l
     table = read_csv(list_csv, ["img_name", "split"])
     bad = sorted(set(table["split"]) - set(SPLITS))
     if bad:
-        raise CoTexNetError(f"{list_csv}: split must be train, val or test, found {bad[:5]}")
+        raise CoTexNetError(f"{list_csv}: split must be train, val or test, found {bad[:SHOW]}")
     mask_of = dict(pairs)
     missing = [name for name in table["img_name"] if name not in mask_of]
     if missing:
-        raise CoTexNetError(f"{list_csv}: {len(missing)} listed images have no image/mask pair, e.g. {missing[:5]}")
+        raise CoTexNetError(f"{list_csv}: {len(missing)} listed images have no image/mask pair, e.g. {missing[:SHOW]}")
     twice = table[table["img_name"].duplicated(keep=False)]
     if not twice.empty:
         name = twice["img_name"].iloc[0]
@@ -79,7 +80,7 @@ def pairs_from_list(pairs: list[tuple[str, str]], list_csv: Path) -> dict[str, l
     left_out = sorted(set(mask_of) - set(table["img_name"]))
     if left_out:
         print(f"warning: {list_csv}: {len(left_out)} image/mask pairs are not in the list and are left out of "
-              f"every split, e.g. {left_out[:5]}", file=sys.stderr)
+              f"every split, e.g. {left_out[:SHOW]}", file=sys.stderr)
     return {split: [(name, mask_of[name]) for name in table.loc[table["split"] == split, "img_name"]]
             for split in SPLITS}
 

@@ -30,8 +30,8 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from common.atomic import atomic_path, write_image
 from common.errors import CoTexNetError, run_cli
-from common.io import atomic_path, write_image
 from data_process.registry import get_spec
 
 BLOB_COUNT_P = [0.05, 0.55, 0.28, 0.12]  # P(0), P(1), P(2), P(3) blobs

@@ -1,6 +1,6 @@
-"""The torch Dataset of METHOD.md: image, label map, ROI tensor, tokenised text prompt, names.
+"""The torch Dataset of the paper: image, label map, ROI tensor, tokenised text prompt, names.
 
-    split = read_split("data_process/train_data.csv", "kvasir")
+    split = splits.read("data_process").of("kvasir", "data_process/kvasir").split("train")
     data = SegDataset("data_process", "kvasir", split, get_spec("kvasir"), train_transform(),
                       tokenizer, prompts=load_prompts(text_csv, spec))
     loader = DataLoader(data, batch_size=16, collate_fn=collate)
@@ -18,24 +18,11 @@ import pandas as pd
 import torch
 from torchvision import tv_tensors
 
-from common.errors import CoTexNetError
-from common.io import read_csv
-from data_process.layout import SPLIT_COLUMNS, stem, why_missing
-from data_process.registry import DatasetSpec, category_files, read_image, read_mask
-from data_process.splits import dataset_rows, no_rows
-
-SHOW = 5  # names listed in errors
-
-
-def read_split(csv_path, dataset_name: str) -> pd.DataFrame:
-    """The rows of split CSV `csv_path` for `dataset_name` (columns dataset, img_name, mask_name),
-    read as `data_process.splits.dataset_rows` reads them; none is an error naming the file."""
-    csv_path = Path(csv_path)
-    table = read_csv(csv_path, SPLIT_COLUMNS, missing_hint="make it with data_process/make_splits.py")
-    rows = dataset_rows(table, csv_path, dataset_name)
-    if rows.empty:
-        raise no_rows(csv_path, table, dataset_name)
-    return rows
+from common.errors import SHOW, CoTexNetError
+from data_process.decoding import read_image, read_mask
+from data_process.layout import stem, why_missing
+from data_process.pairing import mask_files
+from data_process.registry import DatasetSpec
 
 
 class SegDataset(torch.utils.data.Dataset):
@@ -71,9 +58,8 @@ class SegDataset(torch.utils.data.Dataset):
         not surface after a whole training epoch (nor from inside a DataLoader worker)."""
         missing = []
         for image, mask in self.rows:
-            mask_path = self.folder / "masks" / mask
-            masks = category_files(mask_path, self.spec) if self.spec.mask_layout == "per_category" else [mask_path]
-            missing += [path for path in (self.folder / "images" / image, *masks) if not path.is_file()]
+            files = (self.folder / "images" / image, *mask_files(self.folder / "masks" / mask, self.spec))
+            missing += [path for path in files if not path.is_file()]
         if missing:
             more = f" (and {len(missing) - 1} more missing files)" if len(missing) > 1 else ""
             raise CoTexNetError(f"{missing[0]}: {why_missing(missing[0])}, but listed in the split of {dataset_name}{more}")

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from common.errors import CoTexNetError
-from common.io import publish, read_csv, taking_turns
+from common.csv_reader import read_csv
+from common.errors import SHOW, CoTexNetError
+from common.shared_files import publish, taking_turns
 from data_process import layout
 from data_process.layout import AUGMENTED_COLUMNS, SPLIT_COLUMNS, SPLITS
 from data_process.registry import get_spec
@@ -27,30 +28,26 @@ from data_process.registry import get_spec
 SET = "split_files"  # the lock and journal of the set: <split_dir>/.split_files.lock
 KINDS = (*SPLITS, "augmented")
 FILES = [layout.split_csv("", kind).name for kind in KINDS]
-SHOW = 5
 MISSING = "make it with data_process/make_splits.py"
 
 
-def within(name: str, folder: Path | None, where: str) -> str:
+def within(name: str, folder: Path, where: str) -> str:
     """`name` as a path relative to `folder`: "./a.jpg" and "sub/../a.jpg" are "a.jpg", and so is an
     absolute path to the file inside `folder`; a name that leaves the folder is refused (`where`
-    names the row). Without a folder, only relative names are tidied."""
+    names the row)."""
     if posixpath.isabs(name):
-        if folder is not None:
-            absolute = posixpath.normpath(name)
-            for root in dict.fromkeys((posixpath.normpath(folder.absolute()), str(folder.resolve()))):
-                if absolute.startswith(root.rstrip("/") + "/"):
-                    return absolute[len(root.rstrip("/")) + 1:]
-            raise CoTexNetError(f"{where}: {name!r} is not under {folder}; split rows name files relative to it")
-        return name
+        absolute = posixpath.normpath(name)
+        for root in dict.fromkeys((posixpath.normpath(folder.absolute()), str(folder.resolve()))):
+            if absolute.startswith(root.rstrip("/") + "/"):
+                return absolute[len(root.rstrip("/")) + 1:]
+        raise CoTexNetError(f"{where}: {name!r} is not under {folder}; split rows name files relative to it")
     tidy = posixpath.normpath(name)
     if tidy == "." or tidy == ".." or tidy.startswith("../"):
-        raise CoTexNetError(f"{where}: {name!r} leaves the folder it is relative to"
-                            + (f" ({folder})" if folder is not None else ""))
+        raise CoTexNetError(f"{where}: {name!r} leaves the folder it is relative to ({folder})")
     return tidy
 
 
-def dataset_rows(table: pd.DataFrame, path: Path, name: str, dataset_dir: Path | None = None) -> pd.DataFrame:
+def dataset_rows(table: pd.DataFrame, path: Path, name: str, dataset_dir: Path) -> pd.DataFrame:
     """The rows of split table `table` (read from `path`) for dataset `name`, possibly none.
 
     Rows named by an alias of the dataset in the registry (the paper's published Kvasir
@@ -63,10 +60,9 @@ def dataset_rows(table: pd.DataFrame, path: Path, name: str, dataset_dir: Path |
               "(an alias in dataset_config/datasets.yaml)", file=sys.stderr)
         table = table.assign(dataset=table["dataset"].replace(dict.fromkeys(aliases, name)))
     rows = table[table["dataset"] == name]
-    folder = Path(dataset_dir) if dataset_dir is not None else None
     for column, sub in (("img_name", "images"), ("mask_name", "masks")):
-        under = None if folder is None else folder / sub
-        rows = rows.assign(**{column: [within(value, under, f"{path}: {column} of {name}") for value in rows[column]]})
+        rows = rows.assign(**{column: [within(value, dataset_dir / sub, f"{path}: {column} of {name}")
+                                       for value in rows[column]]})
     # A repeated row would weigh an image twice (in training) or count it twice (in metrics).
     repeated = rows.duplicated(SPLIT_COLUMNS)
     if repeated.any():
@@ -77,11 +73,6 @@ def dataset_rows(table: pd.DataFrame, path: Path, name: str, dataset_dir: Path |
     if clash:
         raise CoTexNetError(f"{path}: image {clash[0]!r} of {name} is listed with two different masks")
     return rows.reset_index(drop=True)
-
-
-def no_rows(path: Path, table: pd.DataFrame, name: str) -> CoTexNetError:
-    held = sorted(set(table["dataset"]))
-    return CoTexNetError(f"{path}: no rows for dataset {name!r}; it holds {held or 'no rows at all'}")
 
 
 @dataclass
@@ -99,7 +90,9 @@ class DatasetSplits:
         if table is None:
             raise CoTexNetError(f"{self.paths[kind]}: no such file ({MISSING})")
         if self.rows[kind].empty:
-            raise no_rows(self.paths[kind], table, self.name)
+            held = sorted(set(table["dataset"]))
+            raise CoTexNetError(f"{self.paths[kind]}: no rows for dataset {self.name!r}; it holds "
+                                f"{held or 'no rows at all'}")
         return self.rows[kind]
 
     def union(self, split_dir) -> pd.DataFrame:

@@ -1,4 +1,4 @@
-"""Joint image/mask transforms of METHOD.md (torchvision.transforms.v2), the paper's exactly.
+"""The paper's joint image/mask transforms, exactly, in torchvision.transforms.v2.
 
 Input: `tv_tensors.Image` uint8 (3,H,W) and a `tv_tensors.Mask` (H,W) label map. The image is
 resized bilinearly with antialiasing; the label map as PIL's NEAREST resizes it (the paper

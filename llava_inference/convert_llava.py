@@ -41,8 +41,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from common.atomic import atomic_path, write_json
 from common.errors import CoTexNetError, run_cli
-from common.io import atomic_path, write_json
 
 _CLIP = r"((?:embeddings|pre_layrnorm|encoder|post_layernorm)\..+)"
 # Every key of an original checkpoint, as a full match -> its llava-hf name (None: a buffer that

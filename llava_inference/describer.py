@@ -3,7 +3,7 @@
 A backend (transformers_backend.py; vllm_describer.py, the vLLM engine) is one subclass of `Describer` that
 implements `generate(images, keywords) -> one answer string per ROI`, building each prompt
 with `llava_inference.prompts` (the model family's format) and, when constrained, decoding
-under `answer_grammar` compiled from the model's own tokenizer. `describe` (validation,
+under `answer_grammar` compiled from the model's own tokenizer. `ask` (validation,
 re-asking, counting the tries) is the same for every backend.
 """
 
@@ -45,7 +45,7 @@ class Describer(ABC):
     def generate(self, images: list[np.ndarray], keywords: list[str]) -> list[str]:
         """One raw answer per (RGB ROI image, keyword), in order; batched as the backend can."""
 
-    def describe(self, images, keywords, max_numbers, max_retries: int) -> list[tuple[Attributes | None, int]]:
+    def ask(self, images, keywords, max_numbers, max_retries: int) -> list[tuple[Attributes | None, int]]:
         """(validated attributes or None, answers drawn) per ROI; invalid answers are re-asked in batches."""
         results: list[tuple[Attributes | None, int]] = [(None, 0)] * len(images)
         pending = list(range(len(images)))

@@ -5,8 +5,6 @@
 - location: the paper's position words of the foreground centroid (pixel centres, x / width,
   y / height).
 - size: from the foreground area fraction: below 5 % small, 5-20 % medium, from 20 % large.
-  On Kvasir-SEG polyps cover 1-60 % of the image (median ~12 %), so the three classes are
-  all populated.
 - shape: of the largest region: irregular if its solidity (area / convex hull area) is below
   0.9 or its circularity 4*pi*A/P^2 below 0.6 (ellipses up to 3:1 stay above 0.66); otherwise
   round if the ellipse aspect (from second moments) is at most 1.3, else oval.
@@ -81,7 +79,7 @@ def color_word(rgb: np.ndarray) -> str:
     return names[int(np.argmin(np.linalg.norm(lab[:-1] - lab[-1], axis=1)))]
 
 
-def describe(mask: np.ndarray, roi: np.ndarray, name: str = "mask") -> Attributes:
+def measure(mask: np.ndarray, roi: np.ndarray, name: str = "mask") -> Attributes:
     """Attributes of the foreground of `mask` (HxW, >0 = region) in `roi` (HxWx3 RGB, same size)."""
     binary = np.asarray(mask) > 0
     regions = _regions(binary)

@@ -12,7 +12,7 @@ Placement: on GPU the weights are spread over the process's GPUs by accelerate
 Constrained decoding (default): xgrammar masks the logits so that the answer is one JSON object
 with the five keys, `number` a bounded integer and the other four from the vocabularies: every
 answer parses on the first try. Unconstrained (`constrain=False`): the paper's free sampling,
-each answer validated and re-asked (Describer.describe).
+each answer validated and re-asked (Describer.ask).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ What the model sees is what transformers_backend.TransformersDescriber gives it:
   folder's own settings;
 - the answer grammar `describer.answer_schema_grammar`, through vLLM's xgrammar backend;
 - the weights in the dtype that backend picks (`compute_dtype`).
-`describe` (validation, retries) is Describer's. Tested on LLaVA-1.5; the other families go
+`ask` (validation, retries) is Describer's. Tested on LLaVA-1.5; the other families go
 through the same code.
 """
 

@@ -23,8 +23,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import CLIPSegConfig, CLIPSegForImageSegmentation
 
+from common.atomic import atomic_path, write_json
 from common.errors import CoTexNetError, run_cli
-from common.io import atomic_path, write_json
 from model.CoTexNet import CoTexNet
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"

@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from common.atomic import atomic_path
 from common.errors import CoTexNetError
-from common.io import atomic_path
 from llava_inference.attributes import KEYS, VOCABULARIES, Attributes
-from llava_inference.geometry import describe
-from llava_inference.text_to_csv import plural, sentence
+from llava_inference.geometry import measure
+from llava_inference.sentence_template import plural, sentence
 from train_utils.metrics import predict_labels
 
 NUMBERS = (1, 2, 3)
@@ -188,7 +188,7 @@ def agreement(readouts: list[dict], true_masks, images) -> dict:
     no_region = 0
     for found, mask, image in zip(readouts, true_masks, images, strict=True):
         try:
-            truth = describe(np.asarray(mask), np.asarray(image))
+            truth = measure(np.asarray(mask), np.asarray(image))
         except CoTexNetError:
             no_region += 1
             continue

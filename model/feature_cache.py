@@ -24,8 +24,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from common.atomic import atomic_path
 from common.errors import CoTexNetError
-from common.io import atomic_path
 from model.checkpoint import base_fingerprint
 
 

@@ -5,7 +5,7 @@ One row per case: id, setup (what is broken), script + command line, expected ex
 fragments the output must hold (the file or key named), and paths that must not exist
 afterwards. Exit 2 means: the last stderr line is the only `error: ...` line and there is no
 traceback; exit 0 means: the run went through (a warning and a count where input was skipped).
-After every case no temporary file of `common.io.atomic_path` is left in its folder.
+After every case no temporary file of `common.atomic.atomic_path` is left in its folder.
 
 All cases run through the scripts' own `__main__` in one driver process
 (tests/hardening_driver.py; one import of torch instead of ~80); `test_real_subprocess_*`
@@ -194,20 +194,20 @@ def stopped_text_run(extra: str, after: int):
         import get_text
         from llava_inference import geometry
 
-        describe, left = geometry.describe, [after]
+        measure, left = geometry.measure, [after]
 
         def stops(*args, **kwargs):
             if not left[0]:
                 raise KeyboardInterrupt
             left[0] -= 1
-            return describe(*args, **kwargs)
+            return measure(*args, **kwargs)
 
-        geometry.describe = stops
+        geometry.measure = stops
         try:
             with pytest.raises(KeyboardInterrupt):
                 get_text.main(shlex.split(TEXT_ARGS.format(ws=ws) + extra))
         finally:
-            geometry.describe = describe
+            geometry.measure = measure
     return setup
 
 
@@ -392,7 +392,8 @@ def text_rows(source: str | None = None, tries: int | None = None, numbers_from_
         if tries:
             assert set(asked["tries"]) == {tries}
         if numbers_from_mask:  # an absurd count is clipped to the regions the mask has
-            from data_process.registry import get_spec, read_mask
+            from data_process.decoding import read_mask
+            from data_process.registry import get_spec
             from llava_inference.geometry import count_regions
 
             for name, number in zip(asked["roi_name"], asked["number"], strict=True):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from llava_inference.attributes import KEYS, VOCABULARIES, Attributes
-from llava_inference.text_to_csv import sentence
+from llava_inference.sentence_template import sentence
 from model.concept_readout import (
     CSV_COLUMNS,
     DICTIONARY,

@@ -18,10 +18,12 @@ import pandas as pd
 import pytest
 
 from common.errors import CoTexNetError
-from data_process import augment, augment_data, layout
+from data_process import augment_data, augmented_copies, layout
+from data_process.decoding import read_image, read_mask
 from data_process.make_synthetic import make_synthetic
-from data_process.registry import get_spec, pair_files, read_image, read_mask
-from llava_inference.geometry import describe
+from data_process.pairing import pair_files
+from data_process.registry import get_spec
+from llava_inference.geometry import measure
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "data_process" / "augment_data.py"
@@ -95,19 +97,19 @@ def plain_dataset(tmp_path) -> tuple[Path, Path]:
 
 
 def test_op_names_never_read_as_a_category_and_pair_like_the_originals():
-    ops = augment.parse_ops("hflip, vflip,scale0.75,scale1.25,hflip")
+    ops = augmented_copies.parse_ops("hflip, vflip,scale0.75,scale1.25,hflip")
     assert [(op.name, op.tag) for op in ops] == [("hflip", "hflip"), ("vflip", "vflip"),
                                                  ("scale0.75", "scale75"), ("scale1.25", "scale125")]
     for bad in ("rot90", "scale1", "scale0.755", "scale9", ""):
         with pytest.raises(CoTexNetError, match="--ops"):
-            augment.parse_ops(bad)
+            augmented_copies.parse_ops(bad)
     isic, qata = get_spec("isic"), get_spec("QaTa-COV19")
-    assert augment.copy_names("sub/ISIC_1.jpg", "sub/ISIC_1_segmentation.png", ops[2], isic) == \
+    assert augmented_copies.copy_names("sub/ISIC_1.jpg", "sub/ISIC_1_segmentation.png", ops[2], isic) == \
         ("sub/ISIC_1_aug-scale75.jpg", "sub/ISIC_1_aug-scale75_segmentation.png")
-    assert augment.copy_names("covid_1.png", "mask_covid_1.png", ops[0], qata) == \
+    assert augmented_copies.copy_names("covid_1.png", "mask_covid_1.png", ops[0], qata) == \
         ("covid_1_aug-hflip.png", "mask_covid_1_aug-hflip.png")
     for op in ops:  # the tag adds no "__": ROI names of copies parse back to the copy and its category
-        stem = layout.stem(augment.copy_names("sub/case_01.png", "sub/case_01.png", op, get_spec("camus"))[0])
+        stem = layout.stem(augmented_copies.copy_names("sub/case_01.png", "sub/case_01.png", op, get_spec("camus"))[0])
         assert layout.parse_roi_name(layout.roi_name(stem), per_category=True) == (stem, None)
         assert layout.parse_roi_name(layout.roi_name(stem, "myocardium area"), True) == (stem, "myocardium area")
 
@@ -116,7 +118,7 @@ def test_op_names_never_read_as_a_category_and_pair_like_the_originals():
 def test_image_and_mask_stay_aligned_pixel_for_pixel(plain_dataset, op):
     dataset, splits = plain_dataset
     augment_cli(dataset, splits, "--ops", op)
-    spec, (applied,) = get_spec("plain"), augment.parse_ops(op)
+    spec, (applied,) = get_spec("plain"), augmented_copies.parse_ops(op)
     folder = layout.augmented_dir(dataset)
     for source in ("p0", "p1"):
         image, mask = read_image(folder / "images" / f"{source}_aug-{applied.tag}.png"), \
@@ -185,7 +187,7 @@ def test_location_words_follow_the_flip(plain_dataset):
     def location(stem):
         folder = layout.augmented_dir(dataset) if "_aug-" in stem else dataset
         image, mask = read_image(folder / "images" / f"{stem}.png"), read_mask(folder / "masks" / f"{stem}.png", spec)
-        return describe(mask, image * mask[:, :, None]).location
+        return measure(mask, image * mask[:, :, None]).location
 
     assert location("p0") == "top left" and location("p1") == "bottom right"
     assert location("p0_aug-hflip") == "top right" and location("p0_aug-vflip") == "bottom left"
@@ -356,7 +358,7 @@ def test_copies_of_an_earlier_version_are_refused_then_undone(plain_dataset):
     train = layout.split_csv(splits, "train")
     original = train.read_text()
     train.write_text(original + "plain,p0_aug-hflip.png,p0_aug-hflip.png\n")
-    (dataset / augment.EARLIER_MANIFEST).write_text(json.dumps({"format": 1, "copies": [
+    (dataset / augmented_copies.EARLIER_MANIFEST).write_text(json.dumps({"format": 1, "copies": [
         {"source": "p0.png", "op": "hflip", "image": "p0_aug-hflip.png", "mask": "p0_aug-hflip.png"}]}))
     for script in ("augment_data.py", "make_splits.py"):
         done = subprocess.run([sys.executable, REPO / "data_process" / script, "--dataset-name", "plain",
@@ -366,7 +368,7 @@ def test_copies_of_an_earlier_version_are_refused_then_undone(plain_dataset):
     augment_cli(dataset, splits, "--undo")
     assert pd.read_csv(train, dtype=str).equals(pd.read_csv(pd.io.common.StringIO(original), dtype=str))
     assert sorted(os.listdir(dataset / "images")) == ["p0.png", "p1.png", "p2.png"] and not os.listdir(dataset / "ROIs")
-    assert not (dataset / augment.EARLIER_MANIFEST).exists()
+    assert not (dataset / augmented_copies.EARLIER_MANIFEST).exists()
 
 
 # ---------------------------------------------------------------- killed, stopped, started together

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from common.errors import CoTexNetError
-from data_process.my_dataset import read_split
-from data_process.registry import read_image
+from data_process import splits as split_files
+from data_process.decoding import read_image
 
 REPO = Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(7)
@@ -109,6 +109,9 @@ def test_split_csv_repeated_rows_are_dropped_and_clashes_refused(tmp_path, capsy
     path = tmp_path / "train_data.csv"
     rows = [("kvasir", "a.jpg", "a.jpg"), ("kvasir", "b.jpg", "b.jpg"), ("kvasir", "a.jpg", "a.jpg"), ("isic", "a.jpg", "x")]
     pd.DataFrame(rows, columns=["dataset", "img_name", "mask_name"]).to_csv(path, index=False)
+    def read_split(path, name):
+        return split_files.read(path.parent).of(name, path.parent / name).split("train")
+
     assert read_split(path, "kvasir")["img_name"].tolist() == ["a.jpg", "b.jpg"]
     assert f"warning: {path}: 1 repeated rows of kvasir dropped, e.g. ['a.jpg']" in capsys.readouterr().err
     assert len(read_split(path, "isic")) == 1 and capsys.readouterr().err == ""  # other datasets' names don't clash

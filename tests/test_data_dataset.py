@@ -1,4 +1,4 @@
-"""SegDataset, collate, read_split and the joint transforms."""
+"""SegDataset, collate, one dataset's rows of a split file and the joint transforms."""
 
 import pandas as pd
 import pytest
@@ -6,8 +6,10 @@ import torch
 from torchvision import tv_tensors
 
 from common.errors import CoTexNetError
-from data_process.my_dataset import SegDataset, collate, read_split
-from data_process.registry import get_spec, pair_files
+from data_process import splits as split_files
+from data_process.my_dataset import SegDataset, collate
+from data_process.pairing import pair_files
+from data_process.registry import get_spec
 from data_process.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 
 PROMPTS = ["one round small red polyp area, located in the left of the image.", "polyp area"]
@@ -81,18 +83,23 @@ def test_collate_pads_prompts(synthetic_root, tokenizer):
     assert "input_ids" not in collate([{k: v for k, v in data[0].items() if "input" not in k and "attention" not in k}])
 
 
-def test_read_split_errors(tmp_path):
+def train_rows(split_dir, name):
+    return split_files.read(split_dir).of(name, split_dir / name).split("train")
+
+
+def test_split_file_errors(tmp_path):
     good = tmp_path / "train_data.csv"
     pd.DataFrame({"dataset": ["isic", "busi"], "img_name": ["a.jpg", "b.png"], "mask_name": ["a.png", "b_mask.png"]}) \
         .to_csv(good, index=False)
-    assert read_split(good, "busi")["img_name"].tolist() == ["b.png"]
+    assert train_rows(tmp_path, "busi")["img_name"].tolist() == ["b.png"]
     with pytest.raises(CoTexNetError, match=r"no rows for dataset 'kvasir'.*\['busi', 'isic'\]"):
-        read_split(good, "kvasir")
-    (tmp_path / "bad.csv").write_text("dataset,image\nkvasir,a.jpg\n")
-    with pytest.raises(CoTexNetError, match=r"bad.csv: missing columns \['img_name', 'mask_name'\]"):
-        read_split(tmp_path / "bad.csv", "kvasir")
-    with pytest.raises(CoTexNetError, match="absent.csv"):
-        read_split(tmp_path / "absent.csv", "kvasir")
+        train_rows(tmp_path, "kvasir")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "train_data.csv").write_text("dataset,image\nkvasir,a.jpg\n")
+    with pytest.raises(CoTexNetError, match=r"bad/train_data.csv: missing columns \['img_name', 'mask_name'\]"):
+        train_rows(tmp_path / "bad", "kvasir")
+    with pytest.raises(CoTexNetError, match="absent/train_data.csv: no such file"):
+        train_rows(tmp_path / "absent", "kvasir")
 
 
 def test_missing_prompts_are_listed(synthetic_root, tokenizer):

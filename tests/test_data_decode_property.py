@@ -10,7 +10,8 @@ from hypothesis.extra.numpy import arrays
 from PIL import Image
 
 from common.errors import CoTexNetError
-from data_process.registry import get_spec, read_image, read_mask
+from data_process.decoding import read_image, read_mask
+from data_process.registry import get_spec
 
 SPECS = [get_spec("kvasir"), get_spec("QaTa-COV19"), get_spec("camus"), get_spec("synthetic_multiclass")]
 SETTINGS = settings(max_examples=50, deadline=None, database=None,

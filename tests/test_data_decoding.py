@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from common.errors import CoTexNetError
-from data_process.registry import get_spec, read_image, read_mask
+from data_process.decoding import read_image, read_mask
+from data_process.registry import get_spec
 from tests.train_fixtures import run_script
 
 KVASIR = get_spec("kvasir")

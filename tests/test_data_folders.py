@@ -9,7 +9,7 @@ import pytest
 
 from common.errors import CoTexNetError
 from data_process import layout
-from data_process.registry import read_image
+from data_process.decoding import read_image
 
 
 def _touch(path) -> None:

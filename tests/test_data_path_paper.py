@@ -25,7 +25,8 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TVF
 
 from data_process import augment_data, layout
-from data_process.registry import get_spec, read_mask
+from data_process.decoding import read_mask
+from data_process.registry import get_spec
 from data_process.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_scale_range, train_transform
 from train_utils import data
 from train_utils.config import load_config

@@ -13,10 +13,13 @@ import pytest
 
 from common.errors import CoTexNetError
 from data_process import registry
+from data_process import splits as split_files
+from data_process.decoding import category_masks, read_image, read_mask
 from data_process.layout import roi_name
 from data_process.make_synthetic import make_synthetic
-from data_process.my_dataset import SegDataset, read_split
-from data_process.registry import category_masks, get_spec, pair_files, read_image, read_mask
+from data_process.my_dataset import SegDataset
+from data_process.pairing import pair_files
+from data_process.registry import get_spec
 from data_process.transforms import eval_transform
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,7 +106,7 @@ def test_rois_splits_and_dataset_end_to_end(dataset, tmp_path):
     splits = run("make_splits.py", "--dataset-name", "synthetic_percategory", "--dataset-path", dataset,
                  "--ratios", "4", "1", "1", "--out-dir", tmp_path)
     assert splits.returncode == 0, splits.stderr
-    split = read_split(tmp_path / "train_data.csv", "synthetic_percategory")
+    split = split_files.read(tmp_path).of("synthetic_percategory", dataset).split("train")
     assert len(split) == 4 and (split["mask_name"].str.replace(".png", ".jpg") == split["img_name"]).all()
     data = SegDataset(dataset.parent, "synthetic_percategory", split, SPEC, eval_transform(64))
     labels = np.stack([data[i]["label"].numpy() for i in range(len(data))])

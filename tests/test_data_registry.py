@@ -7,8 +7,10 @@ from PIL import Image
 
 from common.errors import CoTexNetError
 from data_process import registry
+from data_process.decoding import read_image, read_mask
 from data_process.layout import normalise_ext, parse_roi_name, roi_name, stem
-from data_process.registry import get_spec, image_stem, pair_files, read_image, read_mask
+from data_process.pairing import image_stem, pair_files
+from data_process.registry import get_spec
 
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, (31, 47, 3), dtype=np.uint8)  # odd, non-square

@@ -10,8 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from data_process.decoding import read_image, read_mask
 from data_process.layout import roi_name
-from data_process.registry import get_spec, pair_files, read_image, read_mask
+from data_process.pairing import pair_files
+from data_process.registry import get_spec
 
 SCRIPT = Path(__file__).resolve().parents[1] / "data_process" / "make_ROI_img.py"
 

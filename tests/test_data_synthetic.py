@@ -10,8 +10,10 @@ import pandas as pd
 import pytest
 
 from common.errors import CoTexNetError
+from data_process.decoding import read_image, read_mask
 from data_process.make_synthetic import make_synthetic
-from data_process.registry import get_spec, pair_files, read_image, read_mask
+from data_process.pairing import pair_files
+from data_process.registry import get_spec
 
 REPO = Path(__file__).resolve().parents[1]
 

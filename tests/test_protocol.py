@@ -15,7 +15,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from common.errors import CoTexNetError
-from data_process.my_dataset import read_split
+from data_process import splits as split_files
 from data_process.transforms import train_scale_range, train_transform
 from tests.train_fixtures import REPO, run_script, train_setup  # noqa: F401
 from train_utils import data
@@ -218,7 +218,7 @@ def test_papers_split_files_load_with_their_alias(tmp_path, capsys):
     # As the paper's published val_data.csv: its rows are named kvasir_polyp.
     pd.DataFrame(dict(dataset=["kvasir_polyp"] * 2 + ["clinicdb"], img_name=["a.jpg", "b.jpg", "c.png"],
                       mask_name=["a.jpg", "b.jpg", "c.png"])).to_csv(tmp_path / "val_data.csv", index=False)
-    rows = read_split(tmp_path / "val_data.csv", "kvasir")
+    rows = split_files.read(tmp_path).of("kvasir", tmp_path / "kvasir").split("val")
     assert list(rows["img_name"]) == ["a.jpg", "b.jpg"]
     warning = capsys.readouterr().err.strip().splitlines()
     assert len(warning) == 1 and "'kvasir_polyp'" in warning[0] and "read as 'kvasir'" in warning[0]

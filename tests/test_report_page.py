@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from common.errors import CoTexNetError, run_cli
-from data_process.registry import get_spec, read_image, read_mask
+from data_process.decoding import read_image, read_mask
+from data_process.registry import get_spec
 from tests.browser_fixtures import browser, card_names, open_page  # noqa: F401
 from tests.train_fixtures import REPO
 from train_utils import gallery, reporting

@@ -1,4 +1,4 @@
-"""The rules under every command that writes shared files (common/io.py), with real processes:
+"""The rules under every command that writes shared files (common/shared_files.py, common/output_folders.py), with real processes:
 a set of files replaced as one whatever kills the writer, writers that take turns, a folder
 swapped in whole, a run folder claimed once, and output paths that never alias an input,
 in the path forms a researcher uses (absolute, relative, ./, .., symlinked folders)."""
@@ -16,7 +16,8 @@ import pandas as pd
 import pytest
 
 from common.errors import CoTexNetError
-from common.io import OutputFolder, finish_publish, taking_turns
+from common.output_folders import OutputFolder
+from common.shared_files import finish_publish, taking_turns
 from data_process.splits import within
 from train_utils.run_state import create_run
 
@@ -30,7 +31,7 @@ def child(code: str, **env) -> subprocess.Popen:
 
 
 PUBLISH = """
-from common.io import publish, taking_turns
+from common.shared_files import publish, taking_turns
 folder, tag = {folder!r}, {tag!r}
 with taking_turns(folder, "set", ["a.csv", "b.csv", "c.csv"]):
     publish(folder, "set", {{name: f"{{name}},{{tag}}\\n".encode() for name in ("a.csv", "b.csv", "c.csv")}})
@@ -61,7 +62,7 @@ def test_a_set_killed_at_any_step_reads_as_the_old_set_or_the_new(tmp_path, step
 APPEND = """
 import io, sys
 import pandas as pd
-from common.io import publish, taking_turns
+from common.shared_files import publish, taking_turns
 folder = {folder!r}
 with taking_turns(folder, "set", ["rows.csv"], create=True):
     path = f"{{folder}}/rows.csv"
@@ -84,7 +85,7 @@ def test_writers_started_together_take_turns_and_lose_no_row(tmp_path):
 
 FOLDER = """
 from pathlib import Path
-from common.io import OutputFolder, folder_replaced
+from common.output_folders import folder_replaced, OutputFolder
 with folder_replaced(OutputFolder({target!r}), "done.txt") as out:
     for i in range(20):
         out.path(f"part/{{i}}.txt").parent.mkdir(parents=True, exist_ok=True)
@@ -110,7 +111,7 @@ def test_a_folder_killed_before_or_after_its_swap_is_the_old_one_or_the_new(tmp_
 
 
 CLAIM = """
-from common.io import claim_folder
+from common.output_folders import claim_folder
 print(claim_folder({run!r}, "config.yaml", b"x: 1\\n" * 1000, next_free=True))
 """
 

@@ -14,7 +14,7 @@ from llava_inference.attributes import (
     location_words,
     parse_answer,
 )
-from llava_inference.text_to_csv import plural, sentence
+from llava_inference.sentence_template import plural, sentence
 
 GOOD = '{"number": 1, "location": "center", "shape": "round", "size": "small", "color": "pink"}'
 

@@ -209,7 +209,7 @@ def test_a_stopped_conversion_leaves_nothing_a_rerun_refuses(original, tmp_path)
 
 def test_converted_folder_answers_through_get_texts_describer(converted):
     describer = TransformersDescriber(converted, max_new_tokens=200)
-    (attrs, tries), = describer.describe([ROI], ["polyp area"], [1], 1)
+    (attrs, tries), = describer.ask([ROI], ["polyp area"], [1], 1)
     assert attrs is not None and tries == 1
 
 

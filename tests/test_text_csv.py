@@ -8,10 +8,13 @@ import pytest
 
 import get_text
 from common.errors import CoTexNetError
-from data_process import layout, registry
-from llava_inference import describe, geometry
+from data_process import layout
+from data_process.decoding import read_image, read_mask
+from data_process.registry import get_spec
+from llava_inference import geometry, text_stage
 from llava_inference.attributes import LOCATIONS, SIZES, Attributes, location_words
-from llava_inference.text_to_csv import COLUMNS, PAPER_COLUMNS, load_prompts
+from llava_inference.text_csv_reader import load_prompts
+from llava_inference.text_csv_writer import COLUMNS, PAPER_COLUMNS
 from tests.text_fixtures import *  # noqa: F403 (session fixtures)
 
 KVASIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "kvasir-seg"
@@ -20,12 +23,12 @@ KVASIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "kvasir-seg"
 def _truth_checks(folder: Path, spec, truth: pd.DataFrame, label_of) -> int:
     checked = 0
     for row in truth.itertuples():
-        image = registry.read_image(folder / "images" / row.img_name)
-        mask = registry.read_mask(folder / "masks" / row.mask_name, spec) == label_of(row)
+        image = read_image(folder / "images" / row.img_name)
+        mask = read_mask(folder / "masks" / row.mask_name, spec) == label_of(row)
         if row.number == 0:
             assert geometry.count_regions(mask) == 0
             continue
-        attrs = geometry.describe(mask, image)
+        attrs = geometry.measure(mask, image)
         assert attrs.number == row.number, row.img_name
         assert attrs.location == location_words(row.cx, row.cy), row.img_name
         # JPEG edges move the area a little: exact unless the truth is within 5 % of a threshold
@@ -37,11 +40,11 @@ def _truth_checks(folder: Path, spec, truth: pd.DataFrame, label_of) -> int:
 
 def test_geometry_matches_synthetic_truth(synthetic):
     truth = pd.read_csv(synthetic / "truth.csv")
-    assert _truth_checks(synthetic, registry.get_spec("synthetic"), truth, lambda row: 1) >= 40
+    assert _truth_checks(synthetic, get_spec("synthetic"), truth, lambda row: 1) >= 40
 
 
 def test_geometry_matches_synthetic_truth_multiclass(synthetic_multiclass):
-    spec = registry.get_spec("synthetic_multiclass")
+    spec = get_spec("synthetic_multiclass")
     truth = pd.read_csv(synthetic_multiclass / "truth.csv")
     assert _truth_checks(synthetic_multiclass, spec, truth, lambda row: spec.categories.index(row.category) + 1) > 5
 
@@ -56,8 +59,8 @@ def test_shape_and_colour_words():
                                                   [130, 115], [50, 100], [130, 90]])], 1)
     roi = np.zeros((200, 300, 3), np.uint8)
     roi[:] = (190, 40, 40)
-    assert [geometry.describe(m, roi).shape for m in (circle, ellipse, star)] == ["round", "oval", "irregular"]
-    assert geometry.describe(circle, roi).color == "red"
+    assert [geometry.measure(m, roi).shape for m in (circle, ellipse, star)] == ["round", "oval", "irregular"]
+    assert geometry.measure(circle, roi).color == "red"
     assert geometry.color_word((230, 150, 160)) == "pink" and geometry.color_word((128, 128, 130)) == "gray"
 
 
@@ -75,13 +78,13 @@ def test_geometry_csv_for_the_synthetic_set(synthetic, tmp_path):
     assert (table["source"] == "geometry").all()
     # the empty mask of the set gets its own sentence, not a made-up region
     assert table.loc[table["number"] == 0, "text_prompt"].str.startswith("no polyp areas").all()
-    prompts = load_prompts(tmp_path / "out.csv", registry.get_spec("synthetic"))
+    prompts = load_prompts(tmp_path / "out.csv", get_spec("synthetic"))
     assert prompts["syn_0000"].endswith("of the image.") and len(prompts) == len(table)
     assert not list(tmp_path.glob("*.partial*"))
 
 
 def test_multiclass_prompts_join_categories_in_order(synthetic_multiclass, tmp_path):
-    spec = registry.get_spec("synthetic_multiclass")
+    spec = get_spec("synthetic_multiclass")
     table = _run(synthetic_multiclass, tmp_path / "mc.csv", "--describer", "geometry")
     assert len(table) == 12 * len(spec.categories)
     prompts = load_prompts(tmp_path / "mc.csv", spec)
@@ -93,18 +96,18 @@ def test_resume_after_interruption_gives_the_same_rows(synthetic, tmp_path, monk
     reference = _run(synthetic, tmp_path / "ref.csv", "--describer", "geometry")
     out = tmp_path / "resumed.csv"
     calls = {"n": 0}
-    describe = geometry.describe
+    measure = geometry.measure
 
     def dies_after_20(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] > 20:
             raise KeyboardInterrupt
-        return describe(*args, **kwargs)
+        return measure(*args, **kwargs)
 
-    monkeypatch.setattr(geometry, "describe", dies_after_20)
+    monkeypatch.setattr(geometry, "measure", dies_after_20)
     with pytest.raises(KeyboardInterrupt):
         _run(synthetic, out, "--describer", "geometry")
-    monkeypatch.setattr(geometry, "describe", describe)
+    monkeypatch.setattr(geometry, "measure", measure)
     partial = out.with_name("resumed.partial.csv")
     assert not out.exists() and len(pd.read_csv(partial)) >= 20
     with partial.open("a") as f:  # a kill -9 in the middle of a line
@@ -142,22 +145,22 @@ def test_describers_yield_every_row_in_batches_and_write_nothing(synthetic):
     """The row generators only read: run() is the one place that writes. The model is asked per
     slice of --batch-size ROIs less their empty masks; no answer -> the geometry row as fallback;
     hybrid -> shape and colour from the model, the rest from the mask."""
-    spec = registry.get_spec("synthetic")
-    items = describe.list_rois(synthetic, spec, ("polyp area",))
+    spec = get_spec("synthetic")
+    items = text_stage.list_rois(synthetic, spec, ("polyp area",))
     files = sorted(synthetic.rglob("*"))
-    by_mask = {row["roi_name"]: row for row in describe.geometry_rows(items, spec)}
+    by_mask = {row["roi_name"]: row for row in text_stage.geometry_rows(items, spec)}
     assert list(by_mask) == [item.roi_name for item in items]
     empty = {name for name, row in by_mask.items() if row["number"] == 0}
     assert 0 < len(empty) < len(items) and all(by_mask[name]["source"] == "geometry" for name in by_mask)
     calls = []
     answer = Attributes(1, "center", "crescent", "large", "blue")
 
-    class Scripted:  # Describer.describe's contract: (attributes or None, answers drawn) per ROI
-        def describe(self, images, keywords, max_numbers, max_retries):
+    class Scripted:  # Describer.ask's contract: (attributes or None, answers drawn) per ROI
+        def ask(self, images, keywords, max_numbers, max_retries):
             calls.append(len(images))
             return [(None, max_retries) if len(calls) == 1 else (answer, 1)] * len(images)
 
-    rows = list(describe.model_rows(items, spec, Scripted(), hybrid=True, batch_size=8, max_retries=3))
+    rows = list(text_stage.model_rows(items, spec, Scripted(), hybrid=True, batch_size=8, max_retries=3))
     assert sorted(row["roi_name"] for row in rows) == sorted(by_mask)
     assert calls == [sum(item.roi_name not in empty for item in items[i:i + 8]) for i in range(0, len(items), 8)]
     first_batch = {item.roi_name for item in items[:8]} - empty
@@ -175,7 +178,7 @@ def test_describers_yield_every_row_in_batches_and_write_nothing(synthetic):
 
 
 def test_paper_format_csv_loads(tmp_path):
-    spec = registry.get_spec("kvasir")
+    spec = get_spec("kvasir")
     paper = pd.DataFrame({
         "roi_name": ["a.jpg", "b.jpg"],
         "text": ['{"number": 1, "location": "center", "shape": "round", "size": "small", "color": "pink"}',
@@ -259,7 +262,7 @@ def test_a_partial_csv_that_cannot_be_rewritten_is_one_line(synthetic, tmp_path,
 
 
 def test_a_rerun_removes_only_the_temporaries_of_its_own_csv(tmp_path):
-    from common.io import remove_stale_temporaries
+    from common.atomic import remove_stale_temporaries
 
     own = [tmp_path / ".text.csv.k3j4h5g6.tmp.csv", tmp_path / ".text.settings.json.a1b2_3d4.tmp.json"]
     others = [tmp_path / ".other.csv.k3j4h5g6.tmp.csv", tmp_path / ".text.csv.tmp.csv", tmp_path / "sub" / own[0].name]

@@ -88,7 +88,7 @@ def test_logits_of_one_prompt_stay_close_to_bf16(loaded, mode, bound, capsys):
 
 @pytest.mark.parametrize("mode", ["8bit", "4bit"])
 def test_constrained_answers_stay_valid(loaded, mode):
-    answers = loaded[mode].describe([ROI, ROI[:30], ROI[:, :20]], ["polyp area"] * 3, [2, 2, 2], 1)
+    answers = loaded[mode].ask([ROI, ROI[:30], ROI[:, :20]], ["polyp area"] * 3, [2, 2, 2], 1)
     assert all(attrs is not None and tries == 1 for attrs, tries in answers)
 
 

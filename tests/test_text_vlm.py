@@ -89,7 +89,7 @@ def test_quantised_describer_keeps_each_familys_vision_parts(tiny_vlm):
     kept = {name: module for name, module in describer.model.named_modules()
             if isinstance(module, torch.nn.Linear) and name.startswith(tuple(KEPT[model_type]))}
     assert kept and {type(m) for m in kept.values()} == {torch.nn.Linear}
-    answers = describer.describe(ROIS, ["polyp area"] * 4, [3] * 4, 1)
+    answers = describer.ask(ROIS, ["polyp area"] * 4, [3] * 4, 1)
     assert all(attrs is not None for attrs, _ in answers)
 
 

@@ -5,7 +5,7 @@ given ROIs, written as JSON.
 
 ROIS.npz holds arrays roi0, roi1, ... (RGB). OUT.json gets, per ROI, the log-probabilities of the
 first answer token (the 20 most likely, before any grammar: what the model computes from its
-inputs), and describe()'s result with free answers (--no-constrain, 2 tries, 24 tokens).
+inputs), and ask()'s result with free answers (--no-constrain, 2 tries, 24 tokens).
 """
 
 import json
@@ -31,7 +31,7 @@ def main() -> None:
     outputs = describer.engine.generate(describer.requests(images, [KEYWORD] * len(images)), first, use_tqdm=False)
     logprobs = [{str(token): entry.logprob for token, entry in output.outputs[0].logprobs[0].items()}
                 for output in outputs]
-    described = describer.describe(images, [KEYWORD] * len(images), [1] * len(images), max_retries=2)
+    described = describer.ask(images, [KEYWORD] * len(images), [1] * len(images), max_retries=2)
     Path(out).write_text(json.dumps({"logprobs": logprobs,
                                      "described": [[None if a is None else a.to_json(), tries] for a, tries in described]}))
 

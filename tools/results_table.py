@@ -32,8 +32,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from common.atomic import atomic_path, write_text
 from common.errors import CoTexNetError, run_cli
-from common.io import atomic_path, write_text
 from train_utils.run_results import (
     SEED_KEY,
     add_intervals,

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from common.errors import CoTexNetError
-from common.io import not_utf8
+from common.errors import CoTexNetError, not_utf8
 from data_process import layout
 from train_utils.trackers import check_trackers
 

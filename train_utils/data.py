@@ -11,12 +11,13 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from torchvision import tv_tensors
 
+from common.atomic import write_text
 from common.errors import CoTexNetError
-from common.io import write_text
 from data_process import splits
+from data_process.decoding import read_image
 from data_process.layout import AUGMENTED, dataset_dir
 from data_process.my_dataset import SegDataset, collate
-from data_process.registry import get_spec, read_image
+from data_process.registry import get_spec
 from data_process.transforms import eval_transform, train_transform
 from train_utils.config import Config
 

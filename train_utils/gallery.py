@@ -9,7 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from common.io import write_image
+from common.atomic import write_image
 from data_process import layout
 from train_utils import reporting
 

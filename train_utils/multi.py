@@ -16,7 +16,7 @@ from torch.utils.data import ConcatDataset
 
 from common.errors import CoTexNetError
 from data_process.registry import DatasetSpec
-from llava_inference.text_to_csv import load_prompts
+from llava_inference.text_csv_reader import load_prompts
 from train_utils import data
 from train_utils.config import Config
 from train_utils.metrics import summarize as summarize_images

@@ -24,8 +24,9 @@ from urllib.parse import quote
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
+from common.atomic import write_text
+from common.csv_reader import read_csv
 from common.errors import CoTexNetError
-from common.io import read_csv, write_text
 from train_utils.config import load_config
 from train_utils.gallery import picture_path
 from train_utils.run_results import (

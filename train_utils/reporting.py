@@ -1,6 +1,6 @@
 """What a run writes besides checkpoints: the per-epoch CSV log, curves.png, overlays, tables.
 
-Every file goes through `common.io.atomic_path`, so an interrupted run never leaves a
+Every file goes through `common.atomic.atomic_path`, so an interrupted run never leaves a
 half-written log or picture behind.
 """
 
@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from common.io import atomic_path, write_image
+from common.atomic import atomic_path, write_image
 from data_process.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 # Tints of classes 1, 2, ... in overlays (RGB).

@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from common.errors import CoTexNetError
-from common.io import not_utf8, read_csv
+from common.csv_reader import read_csv
+from common.errors import CoTexNetError, not_utf8
 from train_utils.statistics import DEFAULT, Bootstrap, compare_paired, holm, mean_ci
 
 METRICS = ("dice", "iou", "paper_dice", "paper_iou")

@@ -20,8 +20,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
+from common.atomic import atomic_path, stop_point
 from common.errors import CoTexNetError
-from common.io import OutputFolder, atomic_path, claim_folder, stop_point
+from common.output_folders import OutputFolder, claim_folder
 from data_process import layout
 from model.checkpoint import load_checkpoint, load_weights_into, save_checkpoint
 from train_utils.config import Config, load_config
@@ -49,7 +50,7 @@ def run_folder(cfg: Config) -> Path:
 
 
 def create_run(run: Path, config_yaml: str, accelerator: Accelerator, default_name: bool) -> Path:
-    """Claim the run folder with its config.yaml (`common.io.claim_folder`): of two runs started
+    """Claim the run folder with its config.yaml (`common.output_folders.claim_folder`): of two runs started
     at once, with a default name the second takes <name>-2; with a given name it stops. Every
     process gets the folder the main process claimed."""
     claimed = [str(claim_folder(run, "config.yaml", config_yaml.encode("utf-8"), default_name))

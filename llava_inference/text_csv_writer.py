@@ -1,4 +1,4 @@
-"""Attributes -> the paper's sentence, and the text CSV: written resumably, read back as prompts.
+"""The text CSV of stage 2, written resumably, beside a record of the settings its rows were made with.
 
 CSV columns: the paper's `roi_name,text,text_prompt,number,location,shape,size,color` (the
 last five are concept-dictionary codes, see attributes.py), then
@@ -29,31 +29,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from common.errors import CoTexNetError
-from common.io import atomic_path, not_utf8, read_csv, remove_stale_temporaries, write_json
-from data_process import layout
-from llava_inference.attributes import KEYS, AnswerError, Attributes, parse_answer
+from common.atomic import atomic_path, remove_stale_temporaries, write_json
+from common.errors import CoTexNetError, not_utf8
+from llava_inference.attributes import KEYS, Attributes
+from llava_inference.sentence_template import empty_sentence, sentence
 
-MISSING_TEXT = ("nan", "none", "null", "n/a")
 PAPER_COLUMNS = ("roi_name", "text", "text_prompt", *KEYS)
 COLUMNS = (*PAPER_COLUMNS, "source", "tries")
 REPLACING = "replacing_earlier_csv"  # in the record while an --overwrite runs: the CSV's rows are not its
-
-
-def plural(keyword: str) -> str:
-    """English plural of the keyword's last word: "polyp area" -> "polyp areas"."""
-    if keyword.endswith(("s", "x", "z", "ch", "sh")):
-        return keyword + "es"
-    if keyword.endswith("y") and keyword[-2:-1] not in tuple("aeiou"):
-        return keyword[:-1] + "ies"
-    return keyword + "s"
-
-
-def sentence(attrs: Attributes, keyword: str) -> str:
-    """The paper's template; locations are normalised words, so "of the image" appears once."""
-    noun = plural(keyword) if attrs.number > 1 else keyword
-    return (f"{attrs.number} {attrs.shape} {attrs.size} {attrs.color} {noun}, "
-            f"located in the {attrs.location} of the image.")
 
 
 def make_row(roi_name: str, attrs: Attributes, keyword: str, source: str, tries: int) -> dict:
@@ -62,11 +45,8 @@ def make_row(roi_name: str, attrs: Attributes, keyword: str, source: str, tries:
 
 
 def empty_row(roi_name: str, keyword: str) -> dict:
-    """The row of an ROI whose mask is empty (a category absent from an image): nothing to describe.
-
-    The paper's template cannot say "none", so the sentence is its own and the codes are -1.
-    """
-    return {"roi_name": roi_name, "text": json.dumps({"number": 0}), "text_prompt": f"no {plural(keyword)} in the image.",
+    """The row of an ROI whose mask is empty (a category absent from an image): nothing to describe, codes -1."""
+    return {"roi_name": roi_name, "text": json.dumps({"number": 0}), "text_prompt": empty_sentence(keyword),
             "number": 0, **{k: -1 for k in KEYS[1:]}, "source": "geometry", "tries": 0}
 
 
@@ -193,11 +173,6 @@ class ResultWriter:
             self._writer.writeheader()
             self._file.flush()
 
-    @staticmethod
-    def discard_partials(out: str | Path) -> None:
-        for path in _partials(Path(out)):
-            path.unlink()
-
     def _finished_rows(self) -> dict[str, dict]:
         rows = {}
         # A finished earlier run counts as done too (unless --overwrite replaces it); partial rows are newer.
@@ -238,46 +213,6 @@ class ResultWriter:
         if _replacing(self.out):  # a kill before this line: the rerun describes them again
             recorded = _recorded_settings(settings_path(self.out))
             write_json(settings_path(self.out), {key: value for key, value in recorded.items() if key != REPLACING})
-        self.discard_partials(self.out)
+        for path in _partials(self.out):
+            path.unlink()
         return table
-
-
-def load_prompts(csv_path: str | Path, spec) -> dict[str, str]:
-    """Image stem -> text prompt, from our text CSV or the paper's (extra index column, JSON text).
-
-    Multi-class: the sentences of an image's categories joined by a space, in category order.
-    A row without `text_prompt` gets the sentence rebuilt from the JSON in `text`.
-    """
-    csv_path = Path(csv_path)
-    table = read_csv(csv_path, missing_hint="the text CSV: run get_text.py first")
-    table = table.loc[:, [c for c in table.columns if not c.startswith("Unnamed:")]]
-    if "roi_name" not in table.columns or not {"text", "text_prompt"} & set(table.columns):
-        raise CoTexNetError(f"{csv_path}: needs columns roi_name and text_prompt (or text); has {list(table.columns)}")
-    if table.empty:
-        raise CoTexNetError(f"{csv_path}: no rows")
-    order = {c: i for i, c in enumerate(spec.categories)}
-    parts: dict[str, dict[str | None, str]] = {}
-    replaced: list[str] = []
-    for row in table.to_dict("records"):
-        stem, category = layout.parse_roi_name(row["roi_name"], bool(spec.categories))
-        prompt = row.get("text_prompt", "").strip()
-        if prompt.lower() in MISSING_TEXT:  # what a spreadsheet or pandas writes for an empty cell
-            prompt = ""
-        if not prompt:
-            keyword = category or spec.keyword
-            try:
-                prompt = sentence(parse_answer(row.get("text", "")), keyword)
-            except AnswerError as err:
-                raise CoTexNetError(f"{csv_path}: row {row['roi_name']}: no text_prompt and {err}") from None
-        # One sentence per (image, category): a repeated row replaces the earlier one, loudly if it differs.
-        earlier = parts.setdefault(stem, {}).get(category)
-        if earlier is not None and earlier != prompt:
-            replaced.append(row["roi_name"])
-        parts[stem][category] = prompt
-    if replaced:
-        print(f"warning: {csv_path}: {len(replaced)} ROIs have several rows with different prompts; the last row "
-              f"is used, e.g. {replaced[:5]}", file=sys.stderr)
-    # sorted() is stable: categories unknown to the spec keep their file order, after the known ones.
-    return {stem: " ".join(by_category[c] for c in sorted(by_category, key=lambda c: order.get(c, len(order))))
-            for stem, by_category in parts.items()}
-

@@ -1,9 +1,9 @@
-"""Stage 2's flow: list the ROIs, share them over processes, describe them, write the text CSV.
+"""Stage 2, get_text.py's work: from the ROI images to the text CSV.
 
 `run(job)` is the whole stage: check the model (before anything is written), list the
 ROIs, refuse earlier rows made with another describer or other keywords, skip those an earlier
 run finished, describe this process's share, append each finished
-row to the resumable CSV (text_to_csv.ResultWriter), and on the main process merge the shards
+row to the resumable CSV (text_csv_writer.ResultWriter), and on the main process merge the shards
 into the final CSV. The describers are generators of finished rows (`geometry_rows`,
 `model_rows`): they read files and ask the model, and write nothing; `run` writes every row and
 advances the progress bar in one place. The model is a `describer.Describer` of the backend
@@ -27,13 +27,16 @@ import torch
 from tqdm import tqdm
 
 from common.errors import CoTexNetError
-from data_process import layout, registry
+from data_process import layout
+from data_process.decoding import read_image, read_mask
+from data_process.pairing import image_stem, pair_files
+from data_process.registry import get_spec
 from llava_inference import geometry
 from llava_inference.attributes import Attributes
 from llava_inference.describer import Describer
 from llava_inference.model_folder import ModelSource, inspect_model
 from llava_inference.quantization import meta_model, quantization_config, require_bitsandbytes
-from llava_inference.text_to_csv import ResultWriter, empty_row, make_row, start_output
+from llava_inference.text_csv_writer import ResultWriter, empty_row, make_row, start_output
 
 # What a settings record written before an option existed means: the option's value then.
 EARLIER_DEFAULTS = {"quantize": "none", "backend": "transformers"}
@@ -84,8 +87,8 @@ class RoiItem:
 
     def load(self, spec) -> tuple[np.ndarray, np.ndarray]:
         """The ROI image (RGB) and its binary mask at the ROI's size."""
-        roi = registry.read_image(self.roi_path)
-        mask = registry.read_mask(self.mask_path, spec, size=(roi.shape[1], roi.shape[0]))
+        roi = read_image(self.roi_path)
+        mask = read_mask(self.mask_path, spec, size=(roi.shape[1], roi.shape[0]))
         return roi, (mask == self.label).astype(np.uint8)
 
 
@@ -98,8 +101,8 @@ def list_rois(dataset_dir: Path, spec, keywords, img_format: str | None = None,
         raise CoTexNetError(f"{roi_dir}: no ROI folder (run data_process/make_ROI_img.py first)")
     items = []
     for folder in layout.data_folders(dataset_dir):
-        masks = {registry.image_stem(mask, spec): folder / "masks" / mask
-                 for _, mask in registry.pair_files(folder, spec, img_format, mask_format).pairs}
+        masks = {image_stem(mask, spec): folder / "masks" / mask
+                 for _, mask in pair_files(folder, spec, img_format, mask_format).pairs}
         for name in layout.list_files(folder / "ROIs", (layout.ROI_EXT,)) if (folder / "ROIs").is_dir() else []:
             path = folder / "ROIs" / name
             stem, category = layout.parse_roi_name(name, bool(spec.categories))
@@ -122,7 +125,7 @@ def _measure(item: RoiItem, spec) -> tuple[np.ndarray, Attributes | None]:
     roi, mask = item.load(spec)
     if geometry.count_regions(mask) == 0:
         return roi, None
-    return roi, geometry.describe(mask, roi, str(item.mask_path))
+    return roi, geometry.measure(mask, roi, str(item.mask_path))
 
 
 def geometry_rows(items: list[RoiItem], spec) -> Iterator[dict]:
@@ -148,7 +151,7 @@ def model_rows(items: list[RoiItem], spec, model, hybrid: bool, batch_size: int,
         if not asked:
             continue
         batch, rois, truths = zip(*asked, strict=True)
-        answers = model.describe(list(rois), [item.keyword for item in batch], [t.number for t in truths], max_retries)
+        answers = model.ask(list(rois), [item.keyword for item in batch], [t.number for t in truths], max_retries)
         for item, truth, (answer, tries) in zip(batch, truths, answers, strict=True):
             if answer is None:
                 attrs, source = truth, "fallback"
@@ -196,8 +199,8 @@ def load_describer(job: Job, model: ModelSource, gpus: list[int]) -> Describer:
 def run(job: Job) -> Summary | None:
     """Describe every ROI of the dataset not yet in the CSV; the main process returns the summary
     once the final CSV is written, the other processes None."""
-    spec = registry.get_spec(job.dataset_name)
-    named = registry.get_spec(job.dataset_name, job.keywords)
+    spec = get_spec(job.dataset_name)
+    named = get_spec(job.dataset_name, job.keywords)
     dataset_dir = job.dataset_path or layout.dataset_dir(layout.DEFAULT_ROOT, job.dataset_name)
     out = job.out or layout.text_csv(job.dataset_name)
     model = None

@@ -1,4 +1,4 @@
-"""Offline augmentation of a dataset's TRAIN split (the paper README's "Important" step).
+"""Augmented copies of a dataset's TRAIN split (the paper README's "Important" step).
 
 The copies are a dataset folder of their own, `<dataset>/augmented/` (images/, masks/, and the
 ROIs/ that stage 1 writes there), listed in a split file of their own,
@@ -24,9 +24,8 @@ so both stay aligned pixel for pixel.
 
 Files keep the dataset's formats: the image and mask extensions of the source; masks as the
 registry reads them (binary 0/255, label maps 0..K; per_category layout: each category's file,
-0/255, transformed alike), at the size of their image; JPEG quality 95. A copy is named
-`<stem>_aug-<tag><ext>` (`layout.augmented_stem`), so that its ROI and its text row never take
-an original's name.
+0/255, transformed alike), at the size of their image. A copy is named `<stem>_aug-<tag><ext>`
+(`layout.augmented_stem`), so that its ROI and its text row never take an original's name.
 """
 
 from __future__ import annotations
@@ -35,7 +34,6 @@ import json
 import os
 import re
 import shutil
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -43,16 +41,17 @@ import cv2
 import numpy as np
 import pandas as pd
 from PIL import Image
-from tqdm import tqdm
 
-from common.errors import CoTexNetError, die_with_parent
-from common.io import OutputFolder, create_exclusive, leftovers, stop_point, write_image
+from common.atomic import create_exclusive, remove_stale_temporaries, stop_point, write_image
+from common.errors import CoTexNetError
+from common.output_folders import OutputFolder
+from common.workers import map_in_processes
 from data_process import layout, splits
-from data_process.layout import AUGMENTED_COLUMNS
-from data_process.registry import DatasetSpec, category_files, category_masks, read_image, read_mask
+from data_process.decoding import category_masks, read_image, read_mask
+from data_process.pairing import mask_files
+from data_process.registry import DatasetSpec
 
 DEFAULT_OPS = "hflip,vflip,scale0.75,scale1.25"  # the paper's three kinds: flips and scaling
-JPEG_QUALITY = 95
 EARLIER_MANIFEST = "augmented.json"  # an earlier version's list of copies inside images/
 _SCALE = re.compile(r"scale(\d+(?:\.\d+)?)")
 
@@ -105,34 +104,12 @@ def copy_names(image: str, mask: str, op: Op, spec: DatasetSpec) -> tuple[str, s
             str(mask_path.with_name(layout.augmented_stem(base[:end], op.tag) + base[end:] + mask_path.suffix)))
 
 
-def mask_files(dataset_dir: Path, mask: str, spec: DatasetSpec) -> list[Path]:
-    """The mask file(s) of a pair of a dataset folder (per_category layout: one per category folder)."""
-    path = dataset_dir / "masks" / mask
-    return category_files(path, spec) if spec.mask_layout == "per_category" else [path]
-
-
-def copy_files(dataset_dir: Path, folder: OutputFolder, copy: dict, spec: DatasetSpec) -> list[Path]:
-    """The image and mask file(s) of a copy in the copies `folder`, masks in the category folders
-    of their origin's."""
-    depth = len(PurePosixPath(copy["origin_mask"]).parts)
-    masks = (PurePosixPath(source.relative_to(dataset_dir / "masks").parents[depth - 1].as_posix(), copy["mask_name"])
-             for source in mask_files(dataset_dir, copy["origin_mask"], spec))
-    return [folder.path(f"images/{copy['img_name']}"), *(folder.path(f"masks/{mask}") for mask in masks)]
-
-
-# ---------------------------------------------------------------- the copies' folder
-
 def refuse_earlier_copies(dataset_dir: Path) -> None:
     """Copies of an earlier version live among the originals: a split would take them for images."""
     if (dataset_dir / EARLIER_MANIFEST).is_file():
         raise CoTexNetError(f"{dataset_dir / EARLIER_MANIFEST}: copies made by an earlier augment_data.py are in "
                             f"{dataset_dir / 'images'} and the train split; remove them first: "
                             "python data_process/augment_data.py --undo (same --dataset-name, --dataset-path, --split-dir)")
-
-
-def _record(dataset_dir: Path, name: str, split_file: Path) -> dict:
-    return {"made_by": "data_process/augment_data.py", "dataset": name,
-            "split_file": os.path.relpath(split_file.resolve(), layout.augmented_dir(dataset_dir).resolve())}
 
 
 def copies_folder(dataset_dir: Path, name: str, split_file: Path, create: bool) -> Path:
@@ -143,7 +120,9 @@ def copies_folder(dataset_dir: Path, name: str, split_file: Path, create: bool) 
     if create:
         folder.mkdir(exist_ok=True)
         if not any(folder.iterdir()):  # the record claims the folder, once
-            create_exclusive(record, json.dumps(_record(dataset_dir, name, split_file), indent=2).encode())
+            made = {"made_by": "data_process/augment_data.py", "dataset": name,
+                    "split_file": os.path.relpath(split_file.resolve(), folder.resolve())}
+            create_exclusive(record, json.dumps(made, indent=2).encode())
     if not folder.exists():
         return folder
     try:
@@ -159,23 +138,21 @@ def copies_folder(dataset_dir: Path, name: str, split_file: Path, create: bool) 
     return folder
 
 
-# ---------------------------------------------------------------- augment
-
 @dataclass
 class Plan:
     dataset_dir: Path
     spec: DatasetSpec
     split_file: Path
     table: pd.DataFrame | None   # the copies' split file as it will be (every dataset's rows)
+    changed: bool                # the split file changes
     copies: int                  # this dataset's copies, listed
     sources: int                 # its train images
-    write: dict                  # origin image -> (its mask, [(op, files)]) of the copies whose files are missing
+    jobs: list                   # (image, mask, spec, [(op, files)]) per origin of the copies whose files are missing
     remove: list[Path]           # files of copies no longer listed
-    changed: bool                # the split file changes
 
     @property
     def empty(self) -> bool:
-        return not (self.write or self.remove or self.changed)
+        return not (self.jobs or self.remove or self.changed)
 
 
 def plan(dataset_dir, spec: DatasetSpec, split_dir, ops: list[Op], allow_overlap: bool = False) -> Plan:
@@ -187,10 +164,9 @@ def plan(dataset_dir, spec: DatasetSpec, split_dir, ops: list[Op], allow_overlap
     if not (dataset_dir / "images").is_dir():
         raise CoTexNetError(f"{dataset_dir / 'images'}: no such folder")
     now = splits.read(split_dir)
-    split_file = now.path("augmented")
     mine = now.of(spec.name, dataset_dir, allow_overlap, switch="--allow-split-overlap")
-    train = dict(zip(*(mine.split("train")[column] for column in ("img_name", "mask_name")), strict=True))
-    folder = copies_folder(dataset_dir, spec.name, split_file, create=False)
+    train = dict(zip(mine.split("train")["img_name"], mine.split("train")["mask_name"], strict=True))
+    folder = copies_folder(dataset_dir, spec.name, now.path("augmented"), create=False)
     earlier = mine.rows["augmented"]
     rows = {row["img_name"]: row for row in earlier[earlier["origin"].isin(list(train))].to_dict("records")}
     for image, mask in train.items():
@@ -199,41 +175,38 @@ def plan(dataset_dir, spec: DatasetSpec, split_dir, ops: list[Op], allow_overlap
             rows.setdefault(copy_image, dict(dataset=spec.name, img_name=copy_image, mask_name=copy_mask, origin=image,
                                              op=op.name))
     originals = {layout.stem(name): name for name in layout.list_files(dataset_dir / "images")}
+    # never in the dataset's images/ or masks/, even through a symlink
+    output = OutputFolder(folder, input_folders=[dataset_dir / "images", dataset_dir / "masks"])
+    jobs, kept = {}, set()
     for copy in rows.values():
         if layout.stem(copy["img_name"]) in originals:
             raise CoTexNetError(f"{dataset_dir / 'images' / originals[layout.stem(copy['img_name'])]}: an original "
                                 f"image named like the {copy['op']} copy of {copy['origin']}; rename it; nothing written")
-    files, write = {}, {}
-    # never in the dataset's images/ or masks/, even through a symlink
-    output = OutputFolder(folder, input_folders=[dataset_dir / "images", dataset_dir / "masks"])
-    for image, copy in rows.items():
-        files[image] = copy_files(dataset_dir, output, dict(copy, origin_mask=train[copy["origin"]]), spec)
-        if not all(path.exists() for path in files[image]):
-            write.setdefault(copy["origin"], (train[copy["origin"]], []))[1].append((copy["op"], files[image]))
-    for origin, (mask, _) in write.items():  # a missing source would stop the run half-way
-        for path in [dataset_dir / "images" / origin, *mask_files(dataset_dir, mask, spec)]:
+        mask = dataset_dir / "masks" / train[copy["origin"]]
+        sources = [dataset_dir / "images" / copy["origin"], *mask_files(mask, spec)]
+        names = [copy["img_name"]] + [copy["mask_name"]] * (len(sources) - 1)
+        # each file beside where its source is, under the copy's name (per_category: in the same category folder)
+        files = [output.path((source.relative_to(dataset_dir).parent / PurePosixPath(name).name).as_posix())
+                 for source, name in zip(sources, names, strict=True)]
+        kept.update(files, (folder / "ROIs" / name for name in layout.roi_names(copy["img_name"], spec.categories)))
+        if all(path.exists() for path in files):
+            continue
+        for path in sources:  # a missing source would stop the run half-way
             if not path.exists():
                 raise CoTexNetError(f"{path}: no such file (listed in {now.path('train')}); nothing written")
-    kept = {*(path for paths in files.values() for path in paths),
-            *(folder / "ROIs" / name for image in rows for name in layout.roi_names(image, spec.categories))}
+        jobs.setdefault(copy["origin"], (sources[0], mask, spec, []))[3].append((parse_ops(copy["op"])[0], files))
     remove = [path for sub in ("images", "masks", "ROIs") for path in sorted((folder / sub).rglob("*"))
               if path.is_file() and path not in kept and not layout.is_hidden(path.relative_to(folder))]
     table, names = now.tables["augmented"], {spec.name, *spec.aliases}
-    ours = pd.DataFrame(rows.values(), columns=AUGMENTED_COLUMNS)
+    ours = pd.DataFrame(rows.values(), columns=layout.AUGMENTED_COLUMNS)
     before = set() if table is None else set(table[table["dataset"].isin(names)].itertuples(index=False))
     new = pd.concat([None if table is None else table[~table["dataset"].isin(names)], ours], ignore_index=True)
-    return Plan(dataset_dir, spec, split_file, new if len(new) else None, len(rows), len(train), write, remove,
-                changed=before != set(ours.itertuples(index=False)))
-
-
-def _encode(masks: list[np.ndarray], spec: DatasetSpec) -> list[np.ndarray]:
-    if spec.mask_encoding == "labelmap" and spec.mask_layout != "per_category":
-        return masks
-    return [(mask > 0).astype(np.uint8) * 255 for mask in masks]
+    return Plan(dataset_dir, spec, now.path("augmented"), new if len(new) else None,
+                before != set(ours.itertuples(index=False)), len(rows), len(train), list(jobs.values()), remove)
 
 
 def _params(path: Path) -> list[int]:
-    return [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY] if path.suffix.lower() in (".jpg", ".jpeg") else []
+    return [cv2.IMWRITE_JPEG_QUALITY, layout.JPEG_QUALITY] if path.suffix.lower() in (".jpg", ".jpeg") else []
 
 
 def make_copies(job) -> int:
@@ -241,13 +214,12 @@ def make_copies(job) -> int:
     image_path, mask_path, spec, outputs = job
     image = read_image(image_path)
     size = (image.shape[1], image.shape[0])
-    if spec.mask_layout == "per_category":
-        masks = _encode(category_masks(mask_path, spec, size), spec)
+    if spec.mask_encoding == "labelmap":  # one file of labels 0..K (per_category layouts are binary)
+        masks = [read_mask(mask_path, spec, size)]
     else:
-        masks = _encode([read_mask(mask_path, spec, size)], spec)
+        masks = [inside.astype(np.uint8) * 255 for inside in category_masks(mask_path, spec, size)]
     empty = 0
-    for op_name, files in outputs:
-        op = parse_ops(op_name)[0]
+    for op, files in outputs:
         copied = [op.apply(mask, nearest=True) for mask in masks]
         empty += not any(mask.any() for mask in copied)
         for mask, path in zip(copied, files[1:], strict=True):
@@ -259,25 +231,10 @@ def make_copies(job) -> int:
 def run(plan: Plan, workers: int = 1) -> int:
     """Carry out `plan`: the missing files, then the split file, then the files no longer listed
     go. Returns the copies with an empty mask."""
-    dataset_dir, spec = plan.dataset_dir, plan.spec
-    copies_folder(dataset_dir, spec.name, plan.split_file, create=True)
-    written = [path for _, outputs in plan.write.values() for _, files in outputs for path in files]
-    for path in leftovers(written):  # of a killed run
-        path.unlink(missing_ok=True)
-    jobs = [(dataset_dir / "images" / origin, dataset_dir / "masks" / mask, spec, outputs)
-            for origin, (mask, outputs) in plan.write.items()]
-    empties = 0
-    cv2.setNumThreads(1)  # parallelism comes from the processes
-    pool = ProcessPoolExecutor(workers, initializer=die_with_parent) if workers > 1 and len(jobs) > 1 else None
-    try:
-        with tqdm(total=sum(len(job[3]) for job in jobs), desc=f"augment {spec.name}", unit="copy") as bar:
-            for job, empty in zip(jobs, pool.map(make_copies, jobs, chunksize=2) if pool else map(make_copies, jobs),
-                                  strict=True):
-                empties += empty
-                bar.update(len(job[3]))
-    finally:
-        if pool:
-            pool.shutdown(cancel_futures=True)
+    folder = copies_folder(plan.dataset_dir, plan.spec.name, plan.split_file, create=True)
+    for sub in ("images", "masks"):  # what a killed run left
+        remove_stale_temporaries(folder / sub)
+    empties = sum(map_in_processes(make_copies, plan.jobs, workers, f"augment {plan.spec.name}"))
     stop_point("augment:copies written")
     if plan.changed:
         splits.write(plan.split_file.parent, {"augmented": plan.table})
@@ -286,33 +243,31 @@ def run(plan: Plan, workers: int = 1) -> int:
     return empties
 
 
-# ---------------------------------------------------------------- undo
-
 def undo(dataset_dir, spec: DatasetSpec, split_dir, dry_run: bool = False) -> tuple[int, int]:
     """Remove the dataset's copies: their rows, then their folder (and copies of an earlier version,
     among the originals). Returns (rows removed, files removed); under `splits.writing`."""
     dataset_dir = Path(dataset_dir)
     now = splits.read(split_dir)
     table, names = now.tables["augmented"], {spec.name, *spec.aliases}
-    mine = 0 if table is None else int(table["dataset"].isin(names).sum())
     folder = layout.augmented_dir(dataset_dir)
     files = [path for path in folder.rglob("*") if path.is_file()] if folder.exists() else []
     if files:
         copies_folder(dataset_dir, spec.name, now.path("augmented"), create=False)
-    earlier = _earlier_copies(dataset_dir, spec, now)
+    earlier_rows, earlier_files = _earlier_copies(dataset_dir, spec, now)
+    rows = (0 if table is None else int(table["dataset"].isin(names).sum())) + len(earlier_rows)
     if dry_run:
-        return mine + len(earlier[0]), len(files) + len(earlier[1])
-    if mine or len(earlier[0]):
+        return rows, len(files) + len(earlier_files)
+    if rows:
         rest = None if table is None else table[~table["dataset"].isin(names)]
         splits.write(split_dir, {"augmented": rest if rest is not None and len(rest) else None,
-                                 **({"train": now.tables["train"].drop(earlier[0])} if len(earlier[0]) else {})})
+                                 **({"train": now.tables["train"].drop(earlier_rows)} if len(earlier_rows) else {})})
     for sub in ("images", "masks", "ROIs"):  # images/ first: a folder without it is no copies folder to stage 1
         shutil.rmtree(folder / sub, ignore_errors=True)
     shutil.rmtree(folder, ignore_errors=True)
-    for path in earlier[1]:
+    for path in earlier_files:
         path.unlink(missing_ok=True)
     (dataset_dir / EARLIER_MANIFEST).unlink(missing_ok=True)
-    return mine + len(earlier[0]), len(files) + len(earlier[1])
+    return rows, len(files) + len(earlier_files)
 
 
 def _earlier_copies(dataset_dir: Path, spec: DatasetSpec, now: splits.SplitSet) -> tuple[pd.Index, list[Path]]:
@@ -330,6 +285,6 @@ def _earlier_copies(dataset_dir: Path, spec: DatasetSpec, now: splits.SplitSet) 
     rows = pd.Index([]) if train is None else train.index[train["dataset"].isin({spec.name, *spec.aliases})
                                                           & train["img_name"].isin(images)]
     files = [path for copy in copies for path in (dataset_dir / "images" / copy["image"],
-                                                  *mask_files(dataset_dir, copy["mask"], spec),
+                                                  *mask_files(dataset_dir / "masks" / copy["mask"], spec),
                                                   *(dataset_dir / "ROIs" / name for name in layout.roi_names(copy["image"], spec.categories)))]
     return rows, [path for path in files if path.exists()]
