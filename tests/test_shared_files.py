@@ -18,7 +18,7 @@ import pytest
 from common.errors import CoTexNetError
 from common.io import OutputFolder, finish_publish, taking_turns
 from data_process.splits import within
-from train_utils.run_state import create_run
+from train_utils.run_folder import create_run
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -27,7 +27,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from common.errors import CoTexNetError
 from common.io import read_csv, write_text
 from train_utils.config import load_config
-from train_utils.gallery import picture_path
+from train_utils.pictures import picture_path
 from train_utils.run_results import (
     IDENTITY_KEYS,
     Evaluation,
