@@ -1,14 +1,14 @@
 """Segment new images with a trained run: no text, no ROI, no LLaVA (the evaluation path).
 
-  python predict.py --run runs/kvasir_20260101-120000 --input photos/ --output masks_out/ [--overlay] [--describe]
+  python predict.py --run runs/kvasir_20260101-120000 --input photos/ --output masks_out/ [--overlay] [--readout]
 
 Writes <output>/<image stem>.png at each image's original size (binary: 0/255; multi-class:
 the class ids 0..K), and with --overlay <output>/overlays/<stem>.png (image | prediction).
 Mask names are the image stems, as in the dataset layout: input images that share a stem
 (a.jpg and a.png) are refused up front, listed, rather than one mask silently replacing the other.
 Unreadable images are listed (and written to <output>/unreadable.txt); the rest are processed.
---describe adds <output>/concept.csv: per image, the attribute sentence the model sees in it
-(model/concept_readout.py, from the image and its predicted mask only).
+--readout adds <output>/concept.csv: per image, the attribute sentence the model sees in it
+(train_utils/concept_readout.py, from the image and its predicted mask only).
 """
 
 from __future__ import annotations
@@ -17,17 +17,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from common.errors import CoTexNetError, run_cli
 from common.output_folders import OutputFolder
-from data_process.decoding import read_image
 from data_process.layout import IMAGE_EXTS, check_unique_stems, list_files, why_missing
-from model.concept_readout import CSV_COLUMNS, predicted_foreground, readout, write_csv
-from train_utils import data, reporting
-from train_utils.inference import predict_batches
+from train_utils import data
+from train_utils.concept_readout import CSV_COLUMNS
+from train_utils.evaluation import Outputs, Readout, evaluate, write_results
 from train_utils.precision import apply_precision, make_accelerator
-from train_utils.run_state import load_run
+from train_utils.run_folder import load_run
 from train_utils.tokenizer import load_tokenizer
 
 
@@ -57,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint (default: best)")
     parser.add_argument("--clipseg", help="CLIPSeg base folder or hub id, if not the one the run recorded")
     parser.add_argument("--batch-size", type=int, help="images per batch (default: the run's TRAIN.batch_size)")
-    parser.add_argument("--describe", action="store_true", help="also write concept.csv: the concept the model "
+    parser.add_argument("--readout", action="store_true", help="also write concept.csv: the concept the model "
                         "sees in each image, as an attribute sentence")
     args = parser.parse_args(argv)
     if args.batch_size is not None and args.batch_size < 1:
@@ -68,8 +65,12 @@ def main(argv: list[str] | None = None) -> None:
     # Every output path checked before anything is written: never the input folder, nor an input
     # wherever a symlink puts it.
     output = OutputFolder(args.output, "--output", [source if source.is_dir() else source.parent], files)
-    targets = {str(path): [output.path(f"{path.stem}.png"), *([output.path(f"overlays/{path.stem}.png")] * args.overlay)]
-               for path in files}
+    outputs = Outputs(mask=lambda name: output.path(f"{Path(name).stem}.png"), overlays=len(files) * args.overlay,
+                      overlay=lambda name: output.path(f"overlays/{Path(name).stem}.png"))
+    for path in files:
+        outputs.mask(path.name)
+        if args.overlay:
+            outputs.overlay(path.name)
     for name in ("unreadable.txt", "concept.csv"):  # written at the end, checked now
         output.path(name)
     cfg, model, _ = load_run(args.run, args.checkpoint, args.clipseg)
@@ -77,31 +78,15 @@ def main(argv: list[str] | None = None) -> None:
         cfg.TRAIN.batch_size = args.batch_size
     accelerator = make_accelerator(cfg)
     apply_precision(model, accelerator, cfg.TRAIN.compile)
-    model = model.to(accelerator.device)
-    loader = data.readable_loader(cfg, data.ImageFiles(files, cfg.TRAIN.input_size))
-    if args.describe:
-        tokenizer, keyword = load_tokenizer(args.clipseg or cfg.MODEL.clipseg_hf_api), data.spec(cfg).keyword
-
-    written, unreadable, names, concepts = 0, [], [], []
-    for batch, preds, _ in predict_batches(model, tqdm(loader, desc="predict", unit="batch"), accelerator):
-        unreadable += batch["errors"]
-        for name, pred in zip(batch["name"], preds, strict=True):
-            reporting.write_mask(targets[name][0], pred.numpy(), cfg.DATASET.num_classes)
-            if args.overlay:
-                reporting.write_overlay(targets[name][1], read_image(name), None, pred.numpy())
-            written += 1
-        if args.describe and batch["name"]:
-            pixels = batch["pixel_values"].to(accelerator.device)
-            names += [Path(name).name for name in batch["name"]]
-            concepts += readout(model, tokenizer, pixels, predicted_foreground(model, pixels), keyword,
-                                batch_size=len(pixels), progress=False)
-    data.report_unreadable(unreadable, output.path("unreadable.txt"))
-    if concepts:
-        write_csv(output.path("concept.csv"), names, concepts)
+    readout = Readout(load_tokenizer(args.clipseg or cfg.MODEL.clipseg_hf_api), cfg.spec().keyword) if args.readout else None
+    result = evaluate(model.to(accelerator.device), data.readable_loader(cfg, data.ImageFiles(files, cfg.TRAIN.input_size)),
+                      accelerator, model.num_classes, original_size=True, outputs=outputs, readout_with=readout,
+                      desc="predict")
+    write_results(output, result)
     folder = output.folder
-    print(f"{written} mask(s) written to {folder}" + (f", overlays in {folder / 'overlays'}" if args.overlay else "")
-          + (f", concepts in {folder / 'concept.csv'} ({', '.join(CSV_COLUMNS)})" if concepts else ""))
-    if not written:
+    print(f"{result.images} mask(s) written to {folder}" + (f", overlays in {folder / 'overlays'}" if args.overlay else "")
+          + (f", concepts in {folder / 'concept.csv'} ({', '.join(CSV_COLUMNS)})" if result.concepts else ""))
+    if not result.images:
         raise CoTexNetError(f"--input {args.input}: none of the images could be read")
 
 

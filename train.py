@@ -17,6 +17,7 @@ Ctrl-C or SIGTERM finishes the current epoch, saves last/ and exits with status 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -25,15 +26,17 @@ from accelerate.utils import set_seed
 
 from common.atomic import write_json
 from common.errors import EXIT_INTERRUPTED, CoTexNetError, run_cli
-from data_process.registry import REGISTRY_FILE, known_datasets
-from model.checkpoint import load_checkpoint
+from data_process.my_dataset import collate
+from model.checkpoint import read_extra
 from model.CoTexNet import CoTexNet
-from train_utils import data, multi, report_page, reporting, run_state
+from train_utils import data, report_page, reporting, run_folder
 from train_utils.config import PROTOCOLS, load_config
-from train_utils.loops import Outcome, Training, evaluate, fit
+from train_utils.evaluation import Outputs, evaluate
+from train_utils.loops import Outcome, Training, fit
 from train_utils.losses import CoTexNetLoss
 from train_utils.metrics import class_names
 from train_utils.optim import build_optimizer, build_scheduler
+from train_utils.pictures import picture_path
 from train_utils.precision import apply_precision, make_accelerator
 from train_utils.tokenizer import load_tokenizer
 from train_utils.trackers import check_trackers
@@ -53,28 +56,18 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def check_num_classes(cfg, spec) -> None:
-    """DATASET.num_classes must be the registry's: the head, the loss and the masks' labels follow it."""
-    name, wanted = spec.name, spec.num_classes
-    if cfg.DATASET.num_classes != wanted:
-        where = (f"{REGISTRY_FILE} gives {name} {wanted}" if name.lower() in map(str.lower, known_datasets())
-                 else f"{name} is not in {REGISTRY_FILE}, so it is binary: 2")
-        raise CoTexNetError(f"DATASET.num_classes: {cfg.DATASET.num_classes}, but {where} "
-                            "(categories + 1 background); fix the config or the registry entry")
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.resume and (args.overrides or args.protocol != "ours"):
         raise CoTexNetError("--resume continues a run with its saved config; overrides and --protocol are not allowed")
-    cfg = (run_state.run_config(args.resume) if args.resume
+    cfg = (run_folder.run_config(args.resume) if args.resume
            else load_config(args.config, args.overrides, args.protocol))
     # Everything is checked before the run folder is written: a wrong setting leaves nothing behind.
-    spec = multi.specs(cfg)[cfg.datasets()[0]]  # several datasets: checked to share their classes
-    check_num_classes(cfg, spec)
+    cfg.check_num_classes()
+    num_classes, several = cfg.num_classes(), len(cfg.datasets()) > 1
     check_trackers(cfg.TRAIN.log_with)  # installed here, before the run folder is written
     tokenizer = load_tokenizer(cfg.MODEL.clipseg_hf_api)
-    run = Path(args.resume) if args.resume else run_state.run_folder(cfg)
+    run = Path(args.resume) if args.resume else run_folder.run_folder(cfg)
     accelerator = make_accelerator(cfg)
     data.process_batch_size(cfg, accelerator.num_processes)  # a batch that does not divide is refused here
     main_process = accelerator.is_main_process
@@ -82,20 +75,22 @@ def main(argv: list[str] | None = None) -> None:
 
     # Data: the training split carries the text prompts; validation and test are images only.
     # Several datasets: each split is all of theirs, mixed in the shuffled batches.
-    names = class_names(cfg.DATASET.num_classes, spec.categories)
-    train_set = multi.split_set(cfg, "train", tokenizer)
-    val_set, test_set = multi.split_set(cfg, "val"), multi.split_set(cfg, "test")
-    generator = torch.Generator().manual_seed(cfg.TRAIN.random_seed)
-    processes = accelerator.num_processes
-    train_loader = data.loader(cfg, train_set, shuffle=True, generator=generator, num_processes=processes)
-    val_loader, test_loader = (data.loader(cfg, val_set, num_processes=processes),
-                               data.loader(cfg, test_set, num_processes=processes))
+    names = class_names(num_classes, cfg.spec().categories)
+    train_set = data.split_set(cfg, "train", tokenizer)
+    val_set, test_set = data.split_set(cfg, "val"), data.split_set(cfg, "test")
 
     # Model, loss, optimizer, schedule; a resumed run restores them, and the rest, from its last/.
-    model = CoTexNet.from_clipseg(cfg.MODEL.clipseg_hf_api, cfg.DATASET.num_classes)
+    model = CoTexNet.from_clipseg(cfg.MODEL.clipseg_hf_api, num_classes)
     apply_precision(model, accelerator, cfg.TRAIN.compile)
-    criterion = CoTexNetLoss(cfg.DATASET.num_classes, cfg.TRAIN.seg_weight, cfg.TRAIN.kl_weight,
-                             cfg.TRAIN.loss_input)
+    generator = torch.Generator().manual_seed(cfg.TRAIN.random_seed)
+    processes = accelerator.num_processes
+    # Prompts padded with the tokenizer's pad token, and past the model's ROI position.
+    prompts = functools.partial(collate, pad_id=tokenizer.pad_token_id, roi_position=model.roi_position)
+    train_loader = data.loader(cfg, train_set, shuffle=True, generator=generator, collate_fn=prompts,
+                               num_processes=processes)
+    val_loader, test_loader = (data.loader(cfg, val_set, num_processes=processes),
+                               data.loader(cfg, test_set, num_processes=processes))
+    criterion = CoTexNetLoss(num_classes, cfg.TRAIN.seg_weight, cfg.TRAIN.kl_weight, cfg.TRAIN.loss_input)
     optimizer = build_optimizer(model, cfg)
     model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
         model, optimizer, train_loader, val_loader, test_loader)
@@ -105,12 +100,13 @@ def main(argv: list[str] | None = None) -> None:
     if main_process:
         print(cfg.to_yaml())
     if not args.resume:  # the run folder's first write, once every input has been read and checked
-        run = run_state.create_run(run, cfg.to_yaml(), accelerator, default_name=not cfg.TRAIN.run_name)
+        run = run_folder.create_run(run, cfg.to_yaml(), accelerator, default_name=not cfg.TRAIN.run_name)
     training = Training(cfg, run, accelerator, model, criterion, optimizer, scheduler, train_loader, val_loader,
                         generator, names)
-    start_epoch = run_state.resume(training) if args.resume else 0
+    if args.resume:
+        training.resume()
 
-    if fit(training, start_epoch) is Outcome.INTERRUPTED:
+    if fit(training) is Outcome.INTERRUPTED:
         if main_process:
             print(f"stopped; last/ saved. Continue with: python train.py --resume {run}", flush=True)
         sys.exit(EXIT_INTERRUPTED)
@@ -121,24 +117,26 @@ def main(argv: list[str] | None = None) -> None:
         # The paper's rule keeps an epoch only above 0: a run whose score stayed 0 has no best.
         print(f"warning: no epoch scored {cfg.TRAIN.select_metric} above 0, so there is no best/: testing the last weights")
     if best:
-        model, extra = load_checkpoint(run / "best")
+        model = CoTexNet.from_pretrained(run / "best")
         apply_precision(model, accelerator)
         model.to(accelerator.device)
     results, per_image = {}, {}
+    gallery = Outputs(picture=lambda name, dataset: picture_path(run / "test_gallery", name, dataset))
     for split, split_loader in (("val", val_loader), ("test", test_loader)):
-        per_image[split], results[split], _ = evaluate(model, split_loader, accelerator, cfg.DATASET.num_classes,
-                                                       names, desc=split, pictures=run / "test_gallery" if split == "test" else None)
+        result = evaluate(model, split_loader, accelerator, num_classes, names, desc=split,
+                          outputs=gallery if split == "test" else None)
+        per_image[split], results[split] = result.rows, result.summary
     if main_process:
-        best_epoch = extra["epoch"] if best else None
-        several = dict(datasets=cfg.datasets(), select_overall=cfg.TRAIN.select_overall) if multi.is_multi(cfg) else {}
+        best_epoch = read_extra(run / "best")["epoch"] if best else None
+        mixed = dict(datasets=cfg.datasets(), select_overall=cfg.TRAIN.select_overall) if several else {}
         write_json(run / "metrics.json", dict(best_epoch=best_epoch, select_metric=cfg.TRAIN.select_metric,
-                                              resolution=cfg.TRAIN.input_size, **several, **results))
+                                              resolution=cfg.TRAIN.input_size, **mixed, **results))
         reporting.write_csv(run / "test_per_image.csv", per_image["test"])
         reporting.write_csv(run / "val_per_image.csv", per_image["val"])
         print(f"report: {report_page.write_report(run)}")
         print(f"\nbest epoch: {best_epoch}  (metrics at {cfg.TRAIN.input_size}x{cfg.TRAIN.input_size}; "
               f"evaluate.py gives them at the original image size)")
-        print(reporting.format_table(multi.table(results)))
+        print(reporting.format_table(results))
         print(f"\nrun folder {run}: config.yaml, log.csv, curves.png, best/, last/, overlays/, "
               f"metrics.json, test_per_image.csv")
 

@@ -3,7 +3,8 @@
     split = splits.read("data_process").of("kvasir", "data_process/kvasir").split("train")
     data = SegDataset("data_process", "kvasir", split, get_spec("kvasir"), train_transform(),
                       tokenizer, prompts=load_prompts(text_csv, spec))
-    loader = DataLoader(data, batch_size=16, collate_fn=collate)
+    pad = partial(collate, pad_id=tokenizer.pad_token_id, roi_position=model.roi_position)
+    loader = DataLoader(data, batch_size=16, collate_fn=pad)
 
 Prompts are tokenised once here, not per item. Without prompts (evaluation, prediction)
 items carry no text.
@@ -83,15 +84,17 @@ class SegDataset(torch.utils.data.Dataset):
         return item
 
 
-def collate(batch: list[dict], pad_id: int = 49407, min_length: int = 6) -> dict:
-    """Stack the tensors; pad input_ids (with `pad_id`) and attention_mask (0) to the longest prompt,
-    at least `min_length` tokens (the ROI pseudo-token goes to position 5)."""
+def collate(batch: list[dict], pad_id: int | None = None, roi_position: int = 0) -> dict:
+    """Stack the tensors; pad input_ids with `pad_id` (the tokenizer's) and attention_mask with 0 to
+    the longest prompt, and past `roi_position` (the model's: the token the ROI pseudo-token replaces)."""
     out = {key: torch.stack([item[key] for item in batch]) for key in ("pixel_values", "label", "roi_pixel_values")}
     out.update(name=[item["name"] for item in batch], orig_size=[item["orig_size"] for item in batch])
-    if "dataset" in batch[0]:  # items of several datasets (train_utils.multi.Mixed)
+    if "dataset" in batch[0]:  # items of several datasets (train_utils.data.Mixed)
         out["dataset"] = [item["dataset"] for item in batch]
     if "input_ids" in batch[0]:
-        length = max(min_length, *(len(item["input_ids"]) for item in batch))
+        if pad_id is None:
+            raise ValueError("collate: prompts need the tokenizer's pad_id")
+        length = max(roi_position + 1, *(len(item["input_ids"]) for item in batch))
         ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
         attention = torch.zeros((len(batch), length), dtype=torch.long)
         for row, item in enumerate(batch):

@@ -24,10 +24,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import CLIPSegForImageSegmentation
+from transformers import CLIPSegConfig, CLIPSegForImageSegmentation
 from transformers.masking_utils import create_causal_mask
 
 from common.errors import CoTexNetError
+from model import checkpoint
+
+ROI_POSITION = 5  # the paper's: the prompt's token that the ROI pseudo-token replaces
+# What a checkpoint's config.json holds of the model (`save_pretrained`), with the types it must have.
+CHECKPOINT_KEYS = {"num_classes": (int,), "roi_position": (int,), "freeze_encoder": (bool,), "freeze_decoder": (bool,),
+                   "includes_base": (bool,), "clipseg_hf_api": (str, type(None)), "base_fingerprint": (str, type(None)),
+                   "clipseg_config": (dict,)}
 
 
 @dataclass
@@ -36,6 +43,11 @@ class CoTexNetOutput:
     img_embedding: torch.Tensor  # I (B, P)
     text_embedding: torch.Tensor | None  # T (B, P), detached; None on the evaluation path
     decoder_condition: torch.Tensor  # what FiLM receives (B, P)
+
+
+def predict_labels(logits: torch.Tensor) -> torch.Tensor:
+    """(B,C,H,W) logits -> (B,H,W) int64 labels: C=1 is binary (logit > 0), else argmax."""
+    return (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
 
 
 class Img2Text(nn.Module):
@@ -105,8 +117,13 @@ def _load_clipseg(clipseg, attn_implementation: str | None) -> tuple[CLIPSegForI
     return model, name
 
 
+def _check_classes(folder: Path, config: dict, num_classes: int | None) -> None:
+    if num_classes is not None and num_classes != config["num_classes"]:
+        raise CoTexNetError(f"{folder}: checkpoint has num_classes {config['num_classes']}, expected {num_classes}")
+
+
 class CoTexNet(nn.Module):
-    def __init__(self, clipseg: CLIPSegForImageSegmentation, num_classes: int = 2, roi_position: int = 5,
+    def __init__(self, clipseg: CLIPSegForImageSegmentation, num_classes: int = 2, roi_position: int = ROI_POSITION,
                  clipseg_hf_api: str | None = None, freeze_encoder: bool = True, freeze_decoder: bool = False):
         super().__init__()
         if num_classes < 2:
@@ -118,7 +135,7 @@ class CoTexNet(nn.Module):
         self.roi_position = roi_position
         self.clipseg_hf_api = clipseg_hf_api
         self.extract_layers = list(config.extract_layers)
-        # The CLIP is shared with the given CLIPSeg (frozen, 150 M parameters: no copy); the
+        # The CLIP is shared with the given CLIPSeg (frozen and large: no copy); the
         # decoder is copied because it trains and may get a new head.
         self.clip = clipseg.clip
         self.decoder = copy.deepcopy(clipseg.decoder)
@@ -137,7 +154,7 @@ class CoTexNet(nn.Module):
         self._fingerprint: tuple[tuple, str] | None = None
 
     @classmethod
-    def from_clipseg(cls, clipseg, num_classes: int = 2, roi_position: int = 5, *, freeze_encoder: bool = True,
+    def from_clipseg(cls, clipseg, num_classes: int = 2, roi_position: int = ROI_POSITION, *, freeze_encoder: bool = True,
                      freeze_decoder: bool = False, attn_implementation: str | None = "sdpa") -> CoTexNet:
         """From a CLIPSeg folder or hub id (`clipseg_hf_api`), or a `CLIPSegForImageSegmentation`,
         whose CLIP the model then shares (its attention implementation is set to ours)."""
@@ -160,17 +177,52 @@ class CoTexNet(nn.Module):
     @classmethod
     def from_pretrained(cls, folder, clipseg=None, num_classes: int | None = None,
                         attn_implementation: str | None = "sdpa") -> CoTexNet:
-        """The model of a checkpoint folder (`model.checkpoint.load_checkpoint`, which also
-        returns the checkpoint's `extra`)."""
-        from model.checkpoint import load_checkpoint  # that module imports this one
+        """The model of a checkpoint folder (`save_pretrained`; its `extra`: `model.checkpoint.read_extra`).
 
-        return load_checkpoint(folder, clipseg, num_classes, attn_implementation)[0]
+        `clipseg` (folder, hub id or CLIPSegForImageSegmentation) overrides the base the folder
+        names; its weights must match the fingerprint. `num_classes`, when given, must match."""
+        folder = Path(folder)
+        config = checkpoint.read_config(folder, CHECKPOINT_KEYS)
+        _check_classes(folder, config, num_classes)
+        if config["includes_base"]:
+            base = CLIPSegForImageSegmentation(CLIPSegConfig.from_dict(config["clipseg_config"])).eval()
+        else:
+            base = clipseg if clipseg is not None else config["clipseg_hf_api"]
+            if base is None:
+                raise CoTexNetError(f"{folder}: the checkpoint names no CLIPSeg base; pass the one it was trained on")
+        model = cls.from_clipseg(base, config["num_classes"], config["roi_position"],
+                                 freeze_encoder=config["freeze_encoder"], freeze_decoder=config["freeze_decoder"],
+                                 attn_implementation=attn_implementation)
+        model.clipseg_hf_api = config["clipseg_hf_api"]
+        model.load_weights(folder)
+        return model
 
-    def save_pretrained(self, folder, extra: dict | None = None) -> Path:
-        """A checkpoint folder of the trained weights (`model.checkpoint.save_checkpoint`)."""
-        from model.checkpoint import save_checkpoint  # that module imports this one
+    def load_weights(self, folder) -> dict:
+        """Load a checkpoint folder's weights into this model, which must be built on the base the
+        checkpoint was trained on (a resumed run's model); returns the checkpoint's `extra`. Only the
+        trained weights are copied, unless the folder holds its base: a frozen CLIP is not touched
+        (it may have been cast to bf16 already)."""
+        folder = Path(folder)
+        config = checkpoint.read_config(folder, CHECKPOINT_KEYS)
+        _check_classes(folder, config, self.num_classes)
+        state = checkpoint.read_weights(folder, config)
+        if not config["includes_base"] and self.base_fingerprint() != config["base_fingerprint"]:
+            raise CoTexNetError(f"{folder}: trained on a different CLIPSeg base than "
+                                f"{self.clip.config.name_or_path or 'the given one'} (weight fingerprint differs); "
+                                "pass the base it was trained on")
+        checkpoint.load_state(self, state, folder / checkpoint.WEIGHTS, skip=None if config["includes_base"] else "clip.")
+        return config["extra"]
 
-        return save_checkpoint(self, folder, extra)
+    def save_pretrained(self, folder, extra: dict | None = None, with_base: bool | None = None) -> Path:
+        """A checkpoint folder: the trained weights, and the CLIPSeg base by name and by the
+        fingerprint of its weights. `with_base` (default: when the encoder trains) stores the base's
+        weights too: a self-contained folder, which loads with no CLIPSeg given."""
+        with_base = not self.freeze_encoder if with_base is None else with_base
+        state = {name: tensor.detach().contiguous() for name, tensor in self.state_dict().items()
+                 if with_base or not name.startswith("clip.")}
+        config = dict(**self.config, includes_base=with_base, clipseg_config=self.clip.config.to_dict(),
+                      base_fingerprint=None if with_base else self.base_fingerprint())
+        return checkpoint.write(folder, state, config, extra)
 
     def _clip_state(self) -> tuple:
         # Storage and in-place version of every CLIP tensor: loading or training weights, or
@@ -224,7 +276,7 @@ class CoTexNet(nn.Module):
 
         The stock vision model's layers, run one by one: layers after the last extract layer
         feed only the CLS token, so the final layer is computed for that one row (its keys and
-        values still see every token): ~7% fewer FLOPs in a ViT-B/16 forward, same result."""
+        values still see every token): fewer FLOPs, the same result."""
         vision = self.clip.vision_model
         layers = vision.encoder.layers
         outputs = {}

@@ -11,7 +11,7 @@ another precision (its weights cast to bf16 or fp16: `CoTexNet.cast_frozen_encod
 
 The encoder runs outside autocast, in its weights' dtype, so that the features depend on
 nothing else. They are stored in `dtype`: by default float16 from a float32 encoder (half
-the memory, relative error ~5e-4), else the encoder's own dtype (nothing to round). Every
+the memory, at a small relative error), else the encoder's own dtype (nothing to round). Every
 pass, the first included, decodes the stored values, so all epochs see the same.
 """
 
@@ -26,13 +26,12 @@ from safetensors.torch import load_file, save_file
 
 from common.atomic import atomic_path
 from common.errors import CoTexNetError
-from model.checkpoint import base_fingerprint
 
 
 class FeatureCache:
     def __init__(self, model, input_size: int, folder: str | Path | None = None, memory_mb: float = 1024,
                  dtype: torch.dtype | None = None):
-        self.fingerprint = base_fingerprint(model)
+        self.fingerprint = model.base_fingerprint()
         self.encoder_dtype = model.encoder_dtype
         self.input_size = input_size
         self.dtype = dtype or (torch.float16 if self.encoder_dtype == torch.float32 else self.encoder_dtype)

@@ -1,5 +1,5 @@
 """Import of the paper's checkpoints: its `.pth` files (`{"model": state_dict, ...}`) become
-CoTexNet models, and with the command line our checkpoint folders (`model.checkpoint`).
+CoTexNet models, and with the command line our checkpoint folders (`CoTexNet.save_pretrained`).
 
 Its keys are mapped onto ours, and its duplicated tensors (a second copy of the vision encoder,
 a second name of Img2text) and its frozen CLIP are checked to equal what we use instead.
@@ -21,8 +21,8 @@ import torch
 from transformers import CLIPSegForImageSegmentation
 
 from common.errors import CoTexNetError, run_cli
-from model.checkpoint import export_full, load_state, save_checkpoint
-from model.CoTexNet import CoTexNet
+from model.checkpoint import load_state
+from model.CoTexNet import ROI_POSITION, CoTexNet
 
 # Paper prefix -> ours, most specific first. The 3-class head (`output_convolution`) is mapped
 # separately, onto the last module of our decoder's transposed convolution.
@@ -114,7 +114,7 @@ def _head_prefix(model: CoTexNet) -> str:
 
 
 def import_paper_checkpoint(pth, clipseg, trust_pickle: bool = False, base_from_file: bool = False,
-                            roi_position: int = 5, attn_implementation: str | None = "sdpa") -> tuple[CoTexNet, dict]:
+                            roi_position: int = ROI_POSITION, attn_implementation: str | None = "sdpa") -> tuple[CoTexNet, dict]:
     """(model, metadata) from the paper's `.pth`, built on `clipseg` (folder, hub id or instance);
     the metadata are the file's plain values beside the state dict (e.g. epoch, best Dice).
 
@@ -149,7 +149,7 @@ def import_paper_checkpoint(pth, clipseg, trust_pickle: bool = False, base_from_
                                     f"(first at {name}); pass the base it was trained on, or base_from_file=True "
                                     "(--base-from-file) to use the file's")
         mapped = {k: v for k, v in mapped.items() if not k.startswith("clip.")}
-    load_state(model, mapped, base_from_file, pth)
+    load_state(model, mapped, pth, skip=None if base_from_file else "clip.")
     meta = {k: v for k, v in content.items() if k != "model" and isinstance(v, (int, float, str, bool))}
     return model, meta
 
@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pth", required=True, help="the paper's checkpoint (.pth with a 'model' state dict)")
     parser.add_argument("--clipseg", required=True, help="the CLIPSeg base it was trained on (folder or hub id)")
     parser.add_argument("--out", required=True, help="checkpoint folder to write")
-    parser.add_argument("--roi-position", type=int, default=5, help="sequence position of the ROI token (default 5)")
+    parser.add_argument("--roi-position", type=int, default=ROI_POSITION,
+                        help=f"sequence position of the ROI token (default {ROI_POSITION})")
     parser.add_argument("--trust-pickle", action="store_true",
                         help="allow unpickling arbitrary objects (the paper's files pickle their config); "
                              "only for files you trust")
@@ -170,8 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     model, meta = import_paper_checkpoint(args.pth, args.clipseg, args.trust_pickle, args.base_from_file,
                                           args.roi_position)
     extra = {"imported_from": str(Path(args.pth).resolve()), **meta}
-    write = export_full if args.base_from_file else save_checkpoint
-    print(f"{model.num_classes}-class checkpoint written to {write(model, args.out, extra)}")
+    print(f"{model.num_classes}-class checkpoint written to "
+          f"{model.save_pretrained(args.out, extra, with_base=args.base_from_file)}")
 
 
 if __name__ == "__main__":

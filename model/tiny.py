@@ -4,7 +4,7 @@
   `open-clip-torch` wheel ships (same ids as `openai/clip-vit-base-patch16`).
 - `tiny_clipseg_config()`: a CLIPSeg with a few small layers, for tests and the demo.
 - `real_size_clipseg_config()`: the architecture of `CIDAS/clipseg-rd64-refined`
-  (ViT-B/16, 150.7 M parameters), for benchmarks with random weights.
+  (ViT-B/16), for benchmarks with random weights.
 - `save_clipseg_folder()`: a `from_pretrained` folder (model + tokenizer), so that every
   code path loads it exactly as it loads the real `CIDAS/clipseg-rd64-refined`.
 
@@ -74,8 +74,8 @@ def build_clipseg(config: CLIPSegConfig, seed: int = 0) -> CLIPSegForImageSegmen
     """A CLIPSeg with random weights from `config` (deterministic for a seed)."""
     torch.manual_seed(seed)
     model = CLIPSegForImageSegmentation(config).eval()
-    # transformers' CLIPSeg init draws decoder weights with std ~1 (fine for CLIP, which is
-    # always loaded pretrained): initial logits then have std ~66 and a decoder trained from
+    # transformers' CLIPSeg init draws decoder weights with a std near 1 (fine for CLIP, which is
+    # always loaded pretrained): initial logits are then huge and a decoder trained from
     # scratch does not learn. PyTorch's default layer init instead.
     for module in model.decoder.modules():
         if module is not model.decoder and hasattr(module, "reset_parameters"):

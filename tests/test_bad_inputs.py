@@ -1285,7 +1285,6 @@ def base(synthetic_root, train_setup, tmp_path_factory):  # noqa: F811
     second tiny CLIPSeg of other weights, and tiny LLaVA-1.5 and Qwen2-VL folders (random weights;
     answers are scripted where a case asks a model)."""
     from data_process import make_ROI_img
-    from model.checkpoint import save_checkpoint
     from model.CoTexNet import CoTexNet
     from model.tiny import save_clipseg_folder, save_tiny_llava, save_tiny_qwen2_vl
 
@@ -1301,7 +1300,7 @@ def base(synthetic_root, train_setup, tmp_path_factory):  # noqa: F811
     cfg["TRAIN"].update(epochs=1, input_size=32, amp=False, device="cpu", cpu_threads=1, num_overlays=0, run_name="r")
     clipseg = train_setup["work"] / "tiny_clipseg"
     run = top / "run"
-    save_checkpoint(CoTexNet.from_clipseg(clipseg), run / "best", {"epoch": 1})
+    CoTexNet.from_clipseg(clipseg).save_pretrained(run / "best", {"epoch": 1})
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     return SimpleNamespace(ds=ds, mc=mc, cfg=cfg, clipseg=clipseg, other=save_clipseg_folder(top / "other", seed=1),
                            run=run, llava=save_tiny_llava(top / "llava"), qwen2_vl=save_tiny_qwen2_vl(top / "qwen2_vl"),

@@ -12,23 +12,47 @@ import torch
 
 from llava_inference.attributes import KEYS, VOCABULARIES, Attributes
 from llava_inference.sentence_template import sentence
-from model.concept_readout import (
+from model.CoTexNet import CoTexNet, predict_labels
+from model.tiny import build_clipseg, tiny_clipseg_config
+from train_utils.concept_readout import (
     CSV_COLUMNS,
     DICTIONARY,
     agreement,
-    kl_of_sentences,
     kl_per_row,
-    predicted_foreground,
     readout,
+    true_attributes,
     write_csv,
 )
-from model.CoTexNet import CoTexNet
-from model.tiny import build_clipseg, tiny_clipseg_config
 from train_utils.losses import distillation_kl
 
 KEYWORD = "polyp area"
 SMALL = dict(number=(1, 2), location=("center", "top left"), shape=("round", "oval"), size=("small", "large"),
              color=("pink", "red"))
+
+
+def predicted_foreground(model, pixel_values):
+    """Where the model's evaluation path (images only) predicts any foreground class."""
+    with torch.inference_mode():
+        return predict_labels(model(pixel_values).logits) > 0
+
+
+def kl_of_sentences(model, tokenizer, images, masks, sentences: list[list[str]]) -> list[list[float]]:
+    """The readout's score of each given sentence of each image, re-stated from the model's parts:
+    KL(softmax(T) || softmax(I)), T with the ROI token of the image masked by `masks`."""
+    with torch.inference_mode():
+        _, cls = model.encode_images(torch.cat([images, images * masks[:, None]]))
+        img, roi = model.img2text(cls[:len(images)]), model.roi_mapper(cls[len(images):])
+        scores = []
+        for i, texts in enumerate(sentences):
+            tokens = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+            text = torch.sigmoid(model.text_features(tokens["input_ids"], tokens["attention_mask"],
+                                                     roi[i:i + 1].expand(len(texts), -1)))
+            scores.append(kl_per_row(text, img[i:i + 1].expand(len(texts), -1)).tolist())
+    return scores
+
+
+def agreement_with_masks(readouts, masks, images) -> dict:
+    return agreement(readouts, [true_attributes(mask, image) for mask, image in zip(masks, images, strict=True)])
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +165,7 @@ def test_agreement_counts_per_attribute_beside_chance():
     right = dict(number=1, location="center", shape="round", size="medium", color="pink")
     wrong = dict(number=2, location="left", shape="round", size="small", color="red")
     empty = dict(number=0, location="", shape="", size="", color="")
-    result = agreement([right, wrong, empty, right], [mask, mask, mask, np.zeros_like(mask)],
+    result = agreement_with_masks([right, wrong, empty, right], [mask, mask, mask, np.zeros_like(mask)],
                        [image, image, image, image])
     assert result["images"] == 3 and result["no_region"] == 1
     assert result["shape"]["agreement"] == pytest.approx(2 / 3)
@@ -156,7 +180,7 @@ def test_majority_rate_is_the_most_frequent_true_word():
     small, _ = _disc_image(radius=10)  # 2.2 %: small
     large, image = _disc_image(radius=40)  # 35 %: large
     readouts = [dict(number=1, location="center", shape="round", size="large", color="pink")] * 3
-    result = agreement(readouts, [small, large, large], [image, image, image])
+    result = agreement_with_masks(readouts, [small, large, large], [image, image, image])
     assert result["size"] == dict(agreement=pytest.approx(2 / 3), chance=pytest.approx(1 / 3),
                                   majority=pytest.approx(2 / 3))
 
@@ -166,5 +190,5 @@ def test_agreement_counts_three_or_more_regions_as_three():
     for x in (15, 45, 75, 105):
         cv2.circle(mask, (x, 60), 8, 1, -1)
     image = np.full((120, 120, 3), (230, 150, 160), np.uint8)
-    result = agreement([dict(number=3, location="", shape="", size="", color="")], [mask], [image])
+    result = agreement_with_masks([dict(number=3, location="", shape="", size="", color="")], [mask], [image])
     assert result["number"]["agreement"] == 1.0

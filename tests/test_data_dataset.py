@@ -1,5 +1,7 @@
 """SegDataset, collate, one dataset's rows of a split file and the joint transforms."""
 
+from functools import partial
+
 import pandas as pd
 import pytest
 import torch
@@ -11,6 +13,7 @@ from data_process.my_dataset import SegDataset, collate
 from data_process.pairing import pair_files
 from data_process.registry import get_spec
 from data_process.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
+from model.CoTexNet import ROI_POSITION
 
 PROMPTS = ["one round small red polyp area, located in the left of the image.", "polyp area"]
 
@@ -71,14 +74,15 @@ def test_collate_pads_prompts(synthetic_root, tokenizer):
     split = split_of(synthetic_root, "synthetic")
     data = SegDataset(synthetic_root, "synthetic", split, get_spec("synthetic"), eval_transform(32), tokenizer,
                       prompts_for(split))
-    batch = collate([data[0], data[1], data[2]])
+    batch = collate([data[0], data[1], data[2]], tokenizer.pad_token_id, ROI_POSITION)
     lengths = [len(data[i]["input_ids"]) for i in range(3)]
     assert batch["pixel_values"].shape == (3, 3, 32, 32) and batch["label"].shape == (3, 32, 32)
     assert batch["input_ids"].shape == (3, max(lengths)) and batch["input_ids"].dtype == torch.int64
     assert batch["attention_mask"].sum(1).tolist() == lengths
     assert (batch["input_ids"][batch["attention_mask"] == 0] == 49407).all()
     assert batch["name"] == split["img_name"][:3].tolist() and len(batch["orig_size"]) == 3
-    short = collate([dict(data[1], input_ids=torch.tensor([49406, 49407]), attention_mask=torch.ones(2, dtype=torch.long))])
+    short = collate([dict(data[1], input_ids=torch.tensor([49406, 49407]), attention_mask=torch.ones(2, dtype=torch.long))],
+                    tokenizer.pad_token_id, ROI_POSITION)
     assert short["input_ids"].shape == (1, 6) and short["attention_mask"].tolist() == [[1, 1, 0, 0, 0, 0]]
     assert "input_ids" not in collate([{k: v for k, v in data[0].items() if "input" not in k and "attention" not in k}])
 
@@ -116,7 +120,7 @@ def test_dataloader_with_workers_and_real_kvasir(kvasir_dir, tokenizer):
     split = pd.DataFrame({"dataset": "kvasir-seg", "img_name": names, "mask_name": names})
     data = SegDataset(kvasir_dir.parent, "kvasir-seg", split, get_spec("kvasir"), train_transform(64), tokenizer,
                       {n[:-4]: PROMPTS[0] for n in names})
-    loader = torch.utils.data.DataLoader(data, batch_size=2, num_workers=2, collate_fn=collate)
+    loader = torch.utils.data.DataLoader(data, batch_size=2, num_workers=2, collate_fn=partial(collate, pad_id=tokenizer.pad_token_id, roi_position=ROI_POSITION))
     batches = list(loader)
     assert len(batches) == 2 and batches[0]["label"].dtype == torch.int64
     assert 0 < torch.cat([b["label"] for b in batches]).float().mean() < 1

@@ -203,7 +203,6 @@ def untrained_run(train_setup, tmp_path_factory):  # noqa: F811
     """A run folder with an untrained best/ checkpoint of the tiny model, and a test split of 18
     synthetic images: enough batches of 2 to be stopped among."""
     from data_process.make_synthetic import make_synthetic
-    from model.checkpoint import save_checkpoint
     from model.CoTexNet import CoTexNet
 
     top = tmp_path_factory.mktemp("eval")
@@ -214,7 +213,7 @@ def untrained_run(train_setup, tmp_path_factory):  # noqa: F811
     cfg = yaml.safe_load(train_setup["config"].read_text())
     cfg["DATASET"].update(root_dir=str(top / "data"), split_dir=str(top))
     cfg["TRAIN"].update(input_size=32, batch_size=2, amp=False, device="cpu", cpu_threads=1, num_workers=0)
-    save_checkpoint(CoTexNet.from_clipseg(cfg["MODEL"]["clipseg_hf_api"]), top / "run" / "best", {"epoch": 1})
+    CoTexNet.from_clipseg(cfg["MODEL"]["clipseg_hf_api"]).save_pretrained(top / "run" / "best", {"epoch": 1})
     (top / "run" / "config.yaml").write_text(yaml.safe_dump(cfg))
     return top / "run"
 

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from common.errors import CoTexNetError, run_cli
 from model import CoTexNet as cotexnet_module
-from model import checkpoint, paper_import
-from model.checkpoint import export_full, load_checkpoint, save_checkpoint
+from model import export, paper_import
+from model.checkpoint import read_extra
 from model.CoTexNet import CoTexNet
 from model.tiny import CLIP_BOS, CLIP_EOS, build_clipseg, tiny_clipseg_config
 
@@ -39,6 +39,11 @@ def inputs():
     return dict(pixel_values=pixel_values, roi_pixel_values=pixel_values * 0.5, input_ids=ids)
 
 
+def load_checkpoint(folder, clipseg=None, num_classes=None):
+    """(model, extra) of a checkpoint folder."""
+    return CoTexNet.from_pretrained(folder, clipseg, num_classes), read_extra(folder)
+
+
 def trained_model(clipseg, num_classes=2, seed=1) -> CoTexNet:
     """A model whose trained parts all differ from their initial values."""
     model = CoTexNet.from_clipseg(clipseg, num_classes)
@@ -52,7 +57,7 @@ def trained_model(clipseg, num_classes=2, seed=1) -> CoTexNet:
 
 def test_round_trip_is_bit_exact_and_small(clipseg, inputs, tmp_path):
     model = trained_model(clipseg, 3)
-    save_checkpoint(model, tmp_path / "ck", extra={"epoch": 7, "dice": 0.5})
+    model.save_pretrained(tmp_path / "ck", extra={"epoch": 7, "dice": 0.5})
     stored = load_file(tmp_path / "ck" / "model.safetensors")
     assert stored and not any(name.startswith("clip.") for name in stored)  # the base is named, not stored
     loaded, extra = load_checkpoint(tmp_path / "ck", clipseg=clipseg)
@@ -65,14 +70,14 @@ def test_round_trip_is_bit_exact_and_small(clipseg, inputs, tmp_path):
 
 def test_base_is_found_by_its_recorded_folder(clipseg_folder, tmp_path):
     model = trained_model(clipseg_folder)
-    save_checkpoint(model, tmp_path / "ck")
+    model.save_pretrained(tmp_path / "ck")
     loaded, _ = load_checkpoint(tmp_path / "ck")
     assert loaded.clipseg_hf_api == str(clipseg_folder.resolve())
     assert torch.equal(loaded.img2text.fc_out.weight, model.img2text.fc_out.weight)
 
 
 def test_another_base_or_class_count_is_refused(clipseg, tmp_path):
-    save_checkpoint(trained_model(clipseg), tmp_path / "ck")
+    trained_model(clipseg).save_pretrained(tmp_path / "ck")
     other_base = build_clipseg(tiny_clipseg_config(), seed=1)
     with pytest.raises(CoTexNetError, match="different CLIPSeg base"):
         load_checkpoint(tmp_path / "ck", clipseg=other_base)
@@ -83,13 +88,13 @@ def test_another_base_or_class_count_is_refused(clipseg, tmp_path):
 
 
 def test_edited_or_half_written_checkpoints_are_refused(clipseg, tmp_path):
-    folder = save_checkpoint(trained_model(clipseg), tmp_path / "ck")
+    folder = trained_model(clipseg).save_pretrained(tmp_path / "ck")
     config = json.loads((folder / "config.json").read_text())
     config["num_classes"] = 3
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(CoTexNetError, match=r"transposed_convolution.4.bias has shape \(1,\), the model needs \(3,\)"):
         load_checkpoint(folder, clipseg=clipseg)
-    save_checkpoint(trained_model(clipseg, seed=2), tmp_path / "other")
+    trained_model(clipseg, seed=2).save_pretrained(tmp_path / "other")
     (folder / "model.safetensors").write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
     with pytest.raises(CoTexNetError, match="does not match config.json"):
         load_checkpoint(folder, clipseg=clipseg)
@@ -99,7 +104,7 @@ def test_edited_or_half_written_checkpoints_are_refused(clipseg, tmp_path):
 
 def test_full_export_needs_no_base(clipseg, inputs, tmp_path):
     model = trained_model(clipseg)
-    export_full(model, tmp_path / "full", extra={"note": "shared"})
+    model.save_pretrained(tmp_path / "full", extra={"note": "shared"}, with_base=True)
     loaded, extra = load_checkpoint(tmp_path / "full")
     assert extra == {"note": "shared"}
     with torch.no_grad():
@@ -132,7 +137,7 @@ def _count_hashes(monkeypatch) -> list:
 def test_saving_twice_hashes_the_frozen_clip_once(clipseg, tmp_path, monkeypatch):
     model = trained_model(clipseg)
     calls = _count_hashes(monkeypatch)
-    save_checkpoint(model, tmp_path / "a")
+    model.save_pretrained(tmp_path / "a")
     model.save_pretrained(tmp_path / "b")
     assert len(calls) == 1
     assert json.loads((tmp_path / "a" / "config.json").read_text())["base_fingerprint"] == \
@@ -141,17 +146,17 @@ def test_saving_twice_hashes_the_frozen_clip_once(clipseg, tmp_path, monkeypatch
 
 def test_a_trained_encoder_is_hashed_again_after_it_changes(clipseg, inputs, monkeypatch):
     model = CoTexNet.from_clipseg(build_clipseg(tiny_clipseg_config(), seed=5), freeze_encoder=False)
-    before = checkpoint.base_fingerprint(model)
+    before = model.base_fingerprint()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     model(**inputs).logits.sum().backward()
     optimizer.step()
     calls = _count_hashes(monkeypatch)
-    after = checkpoint.base_fingerprint(model)
+    after = model.base_fingerprint()
     assert len(calls) == 1 and after != before
-    assert checkpoint.base_fingerprint(model) == after and len(calls) == 1  # unchanged since: memoised
+    assert model.base_fingerprint() == after and len(calls) == 1  # unchanged since: memoised
     with torch.no_grad():  # a load into the same tensors changes it too
         model.clip.text_projection.weight.mul_(2)
-    assert checkpoint.base_fingerprint(model) != after
+    assert model.base_fingerprint() != after
 
 
 # --- the paper's format ---------------------------------------------------------------------
@@ -244,7 +249,7 @@ def test_import_command_line(clipseg, clipseg_folder, tmp_path, capsys):
     assert "3-class checkpoint" in capsys.readouterr().out
     model, extra = load_checkpoint(tmp_path / "ck")
     assert model.num_classes == 3 and extra["epoch"] == 12
-    checkpoint.main(["export", "--checkpoint", str(tmp_path / "ck"), "--out", str(tmp_path / "full")])
+    export.main(["--checkpoint", str(tmp_path / "ck"), "--out", str(tmp_path / "full")])
     assert load_checkpoint(tmp_path / "full")[0].num_classes == 3
     with pytest.raises(SystemExit) as exit_info:
         run_cli(paper_import.main, ["--pth", str(tmp_path / "none.pth"), "--clipseg", str(clipseg_folder),

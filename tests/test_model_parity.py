@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model.checkpoint import save_checkpoint
 from model.CoTexNet import CoTexNet
 from model.paper_import import import_paper_checkpoint
 from model.tiny import CLIP_BOS, CLIP_EOS, build_clipseg, real_size_clipseg_config
@@ -95,6 +94,6 @@ def test_real_size_model_trains_at_batch_one_and_stays_small(tmp_path):
     assert model.roi_mapper[0].weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.clip.parameters())
 
-    size = (save_checkpoint(model, tmp_path / "ck") / "model.safetensors").stat().st_size
+    size = (model.save_pretrained(tmp_path / "ck") / "model.safetensors").stat().st_size
     print(f"checkpoint {size / 1e6:.1f} MB")
     assert size < 50e6

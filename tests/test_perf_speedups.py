@@ -248,15 +248,13 @@ def test_cast_model_trains_its_mapper_through_the_bf16_text_encoder(pixels, prom
 def test_cast_model_saves_float32_weights_and_the_base_fingerprint_as_loaded(tmp_path):
     from safetensors.torch import load_file
 
-    from model.checkpoint import base_fingerprint, load_checkpoint, save_checkpoint
-
     reference, model = _cast_copy()
-    assert base_fingerprint(model) == base_fingerprint(reference)
-    save_checkpoint(model, tmp_path / "ck")
+    assert model.base_fingerprint() == reference.base_fingerprint()
+    model.save_pretrained(tmp_path / "ck")
     stored = load_file(tmp_path / "ck" / "model.safetensors")
     assert stored and {t.dtype for t in stored.values()} == {torch.float32}
     base = build_clipseg(_config([0, 1]), seed=3)  # the fp32 base it was trained on: accepted
-    loaded, _ = load_checkpoint(tmp_path / "ck", clipseg=base)
+    loaded = CoTexNet.from_pretrained(tmp_path / "ck", clipseg=base)
     for name, tensor in reference.state_dict().items():
         if not name.startswith("clip."):
             assert torch.equal(tensor, loaded.state_dict()[name]), name

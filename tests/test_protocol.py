@@ -22,7 +22,7 @@ from train_utils import data
 from train_utils.config import PAPER_PROTOCOL, Config, apply_protocol, load_config
 from train_utils.early_stopping import EarlyStopping
 from train_utils.losses import CoTexNetLoss
-from train_utils.metrics import paper_batch, paper_image_stats, paper_summary
+from train_utils.paper_metrics import paper_batch, paper_image_stats, paper_summary
 
 PARITY = REPO / ".." / "shared" / "parity"
 

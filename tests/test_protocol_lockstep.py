@@ -27,7 +27,6 @@ from model.tiny import CLIP_BOS, CLIP_EOS, save_clipseg_folder
 from tests.train_fixtures import run_script, train_setup  # noqa: F401
 from train_utils import run_state
 from train_utils.config import load_config
-from train_utils.early_stopping import EarlyStopping
 from train_utils.loops import Training, train_one_epoch
 from train_utils.losses import CoTexNetLoss
 from train_utils.optim import build_optimizer, build_scheduler
@@ -148,7 +147,7 @@ def project_parts(accelerator, model, cfg, loader):
     model, optimizer = accelerator.prepare(model, optimizer)
     scheduler = build_scheduler(optimizer, cfg, len(loader))
     t = cfg.TRAIN
-    criterion = Recorder(CoTexNetLoss(cfg.DATASET.num_classes, t.seg_weight, t.kl_weight, t.loss_input), optimizer)
+    criterion = Recorder(CoTexNetLoss(cfg.num_classes(), t.seg_weight, t.kl_weight, t.loss_input), optimizer)
     return model, optimizer, scheduler, criterion
 
 
@@ -241,7 +240,7 @@ def test_paper_schedule_never_reaches_lr_after_a_warmup():
 
 @pytest.mark.parametrize("lr_schedule", ["paper", "warmup_cosine"])
 def test_resume_continues_the_schedule_exactly(float32_accelerator, clipseg_folder, tmp_path, lr_schedule):
-    """Two epochs, save_last, a fresh process's objects restored by run_state.resume, the third
+    """Two epochs, save_last, a fresh process's objects restored by Training.resume, the third
     epoch: every step's lr, the losses and the weights are those of an uninterrupted run."""
     loader = batches()
     cfg = paper_config("TRAIN.warmup_epoch=1", f"TRAIN.lr_schedule={lr_schedule}")
@@ -252,14 +251,15 @@ def test_resume_continues_the_schedule_exactly(float32_accelerator, clipseg_fold
     for epoch in (1, 2):
         train_one_epoch(model, loader, criterion, optimizer, scheduler, accelerator, epoch, print_freq=1)
     run = tmp_path / "run"
-    run_state.save_last(run, model, optimizer, scheduler, accelerator, EarlyStopping(50, EPOCHS), 2,
-                        torch.Generator())
+    done = Training(cfg, run, accelerator, model, criterion, optimizer, scheduler, loader, [], torch.Generator(), epoch=2)
+    run_state.save_last(run, model, done.state_dict())
 
     torch.manual_seed(123)  # the resumed process's model starts elsewhere: last/ must bring it back
     model, optimizer, scheduler, criterion = project_parts(accelerator, CoTexNet.from_clipseg(clipseg_folder), cfg,
                                                            loader)
     training = Training(cfg, run, accelerator, model, criterion, optimizer, scheduler, loader, [], torch.Generator())
-    assert run_state.resume(training) == 2
+    training.resume()
+    assert training.epoch == 2
     train_one_epoch(model, loader, criterion, optimizer, scheduler, accelerator, 3, print_freq=1)
     assert criterion.steps == straight[2 * STEPS:]  # lr and losses of epoch 3, exactly
 

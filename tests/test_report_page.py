@@ -18,8 +18,9 @@ from data_process.decoding import read_image, read_mask
 from data_process.registry import get_spec
 from tests.browser_fixtures import browser, card_names, open_page  # noqa: F401
 from tests.train_fixtures import REPO
-from train_utils import gallery, reporting
+from train_utils import reporting
 from train_utils.config import load_config
+from train_utils.pictures import picture_path, write_picture
 from train_utils.report_page import SHIPPED_CONFIG, write_report
 from train_utils.statistics import mean_ci
 
@@ -43,7 +44,7 @@ def write_evaluation(folder, pictures, images, root, shifts) -> dict:
         image = read_image(root / "synthetic" / "images" / source)
         truth = read_mask(root / "synthetic" / "masks" / source, spec, size=image.shape[1::-1]).astype(np.uint8)
         pred = np.roll(truth, shift, axis=1)
-        gallery.write_picture(gallery.picture_path(pictures, name), image, truth, pred)
+        write_picture(picture_path(pictures, name), image, truth, pred)
         dice = _dice(pred > 0, truth > 0)
         rows.append(dict(name=name, dice=dice, iou=dice / (2 - dice), empty_pred=int(pred.sum() == 0),
                          empty_truth=int(truth.sum() == 0), paper_dice=dice * 0.9))

@@ -19,7 +19,7 @@ from common.errors import CoTexNetError
 from common.output_folders import OutputFolder
 from common.shared_files import finish_publish, taking_turns
 from data_process.splits import within
-from train_utils.run_state import create_run
+from train_utils.run_folder import create_run
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from monai.metrics import DiceMetric, HausdorffDistanceMetric, MeanIoU
 
-from train_utils.metrics import HAS_SCIPY, image_metrics, predict_labels, summarize
+from model.CoTexNet import predict_labels
+from train_utils.metrics import HAS_SCIPY, image_metrics, summarize
 
 
 def random_batch(num_classes: int, seed: int, size=(40, 56)):

@@ -5,6 +5,7 @@ JPEG masks) and `synthetic_png` (not in the registry, so the defaults: PNG masks
 extension, keyword "target area"). The scripts' `main` run in-process on the tiny model."""
 
 import json
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -16,9 +17,12 @@ import evaluate
 import train
 from common.errors import CoTexNetError
 from data_process.make_synthetic import make_synthetic
-from model.checkpoint import load_checkpoint
-from train_utils import data, loops, multi
+from data_process.my_dataset import collate
+from model.checkpoint import read_extra
+from model.CoTexNet import ROI_POSITION
+from train_utils import data, loops
 from train_utils.config import load_config
+from train_utils.metrics import overall, summarize
 
 pytestmark = pytest.mark.slow
 
@@ -142,7 +146,7 @@ def test_two_dataset_run_reports_each_dataset_and_both_overall_figures(multi_run
     assert {"val_dice", "val_dice_synthetic", "val_dice_synthetic_png", "val_dice_datasets"} <= set(log.columns)
     # TRAIN.select_overall=datasets: the best so far follows the mean over datasets.
     assert list(log["best_dice"]) == pytest.approx(list(log["val_dice_datasets"].cummax()))
-    _, extra = load_checkpoint(multi_run / "best")
+    extra = read_extra(multi_run / "best")
     assert extra["epoch"] == metrics["best_epoch"] == int(log["val_dice_datasets"].idxmax()) + 1
     assert yaml.safe_load((multi_run / "config.yaml").read_text())["DATASET"]["dataset_name"] == \
         ["synthetic", "synthetic_png"]
@@ -158,22 +162,23 @@ def test_select_overall_picks_the_best_epoch(two, monkeypatch, how, best_epoch, 
     real, scores = loops.evaluate, iter([(0.6, 0.2), (0.4, 0.5)])  # (over images, over datasets) of epochs 1, 2
 
     def scripted(*args, **kwargs):
-        rows, summary, kept = real(*args, **kwargs)
-        summary["dice"], summary["mean_over_datasets"]["dice"] = next(scores)
-        return rows, summary, kept
+        result = real(*args, **kwargs)
+        result.summary["dice"], result.summary["mean_over_datasets"]["dice"] = next(scores)
+        return result
 
     monkeypatch.setattr(loops, "evaluate", scripted)
     train.main(["--config", str(two["multi"]), f"TRAIN.select_overall={how}", f"TRAIN.run_name=select_{how}"])
     run = two["runs"] / f"select_{how}"
     assert json.loads((run / "metrics.json").read_text())["best_epoch"] == best_epoch
-    assert load_checkpoint(run / "best")[1]["val_dice"] == best_dice[-1]
+    assert read_extra(run / "best")["val_dice"] == best_dice[-1]
     assert list(pd.read_csv(run / "log.csv")["best_dice"]) == best_dice
 
 
 def test_training_batches_mix_the_datasets(two, tokenizer):
     cfg = load_config(two["multi"])
-    train_set = multi.split_set(cfg, "train", tokenizer)
-    loader = data.loader(cfg, train_set, shuffle=True, generator=torch.Generator().manual_seed(0))
+    train_set = data.split_set(cfg, "train", tokenizer)
+    loader = data.loader(cfg, train_set, shuffle=True, generator=torch.Generator().manual_seed(0),
+                         collate_fn=partial(collate, pad_id=tokenizer.pad_token_id, roi_position=ROI_POSITION))
     batches = [(batch["dataset"], batch["name"]) for batch in loader]
     assert any(len(set(parts)) == 2 for parts, _ in batches)  # shuffled together, not one dataset after the other
     seen = sorted((part, name) for parts, names in batches for part, name in zip(parts, names, strict=True))
@@ -186,12 +191,12 @@ def test_summary_overall_selects_by_images_or_datasets():
     rows = [dict(dataset="a", name="1", dice=1.0, iou=1.0, miou=1.0, pixel_acc=1.0, hd95=0.0, empty_pred=0,
                  empty_truth=0)] + [dict(dataset="b", name=str(i), dice=0.0, iou=0.0, miou=0.5, pixel_acc=0.5,
                                          hd95=float("nan"), empty_pred=1, empty_truth=0) for i in range(3)]
-    summary = multi.summarize(rows)
+    summary = summarize(rows)
     assert summary["dice"] == pytest.approx(0.25)  # 4 images
     assert summary["mean_over_datasets"]["dice"] == pytest.approx(0.5)  # 2 datasets
     assert summary["datasets"]["b"]["hd95"] is None and summary["mean_over_datasets"]["hd95"] == 0.0
-    assert multi.overall(summary, "images") is summary
-    assert multi.overall(summary, "datasets")["dice"] == pytest.approx(0.5)
+    assert overall(summary, "images") is summary
+    assert overall(summary, "datasets")["dice"] == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize("override, match", [

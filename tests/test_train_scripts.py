@@ -158,7 +158,11 @@ def test_labels_at_gives_each_image_its_own_size():
     import torch
     import torch.nn.functional as F
 
-    from train_utils.inference import labels_at
+    from model.CoTexNet import predict_labels
+    from train_utils.evaluation import logits_at
+
+    def labels_at(logits, sizes):
+        return [predict_labels(one[None])[0] for one in logits_at(logits, sizes)]
 
     logits = torch.randn(2, 1, 8, 8)
     small, large = labels_at(logits, [(8, 8), (20, 12)])
@@ -235,20 +239,25 @@ def test_save_last_survives_a_kill_between_its_renames(train_setup, tmp_path, mo
     import torch
     from accelerate import Accelerator
 
-    from model.checkpoint import load_checkpoint
+    from model.checkpoint import read_extra
     from model.CoTexNet import CoTexNet
     from train_utils import run_state
     from train_utils.config import load_config
-    from train_utils.early_stopping import EarlyStopping
+    from train_utils.loops import Training
     from train_utils.optim import build_optimizer, build_scheduler
 
     cfg = load_config(train_setup["config"])
     model = CoTexNet.from_clipseg(train_setup["work"] / "tiny_clipseg")
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, 2)
-    args = (model, optimizer, scheduler, Accelerator(cpu=True), EarlyStopping(5, 10))
     run = tmp_path / "run"
-    run_state.save_last(run, *args, 1, torch.Generator())
+    training = Training(cfg, run, Accelerator(cpu=True), model, None, optimizer, scheduler, [], [], torch.Generator())
+
+    def state(epoch: int) -> dict:
+        training.epoch = epoch
+        return training.state_dict()
+
+    run_state.save_last(run, model, state(1))
     rename = Path.rename
 
     def killed_before_the_second_rename(self, target):
@@ -258,11 +267,11 @@ def test_save_last_survives_a_kill_between_its_renames(train_setup, tmp_path, mo
 
     monkeypatch.setattr(Path, "rename", killed_before_the_second_rename)
     with pytest.raises(KeyboardInterrupt):
-        run_state.save_last(run, *args, 2, torch.Generator())
+        run_state.save_last(run, model, state(2))
     monkeypatch.undo()
     assert not (run / "last").exists() and (run / ".last.tmp").is_dir() and (run / ".last.old").is_dir()
     assert run_state.load_training_state(run)["epoch"] == 2  # the newer complete folder wins
-    assert load_checkpoint(run / "last")[1]["epoch"] == 2
+    assert read_extra(run / "last")["epoch"] == 2
     assert sorted(p.name for p in run.iterdir()) == ["last"]
 
     # Killed while writing .last.tmp (no state file yet) right after the first rename: .last.old it is.

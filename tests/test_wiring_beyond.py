@@ -1,5 +1,5 @@
 """The beyond-the-paper features through the scripts, on the tiny model and 12 synthetic images:
-TRAIN.log_with=[tensorboard] in train.py, and --describe (the concept readout) in evaluate.py
+TRAIN.log_with=[tensorboard] in train.py, and --readout (the concept readout) in evaluate.py
 and predict.py. Training runs as a subprocess; evaluate/predict call `main` in-process, as in
 test_train_scripts.py (same default TRAIN.amp)."""
 
@@ -16,9 +16,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import evaluate
 import predict
 import train
-from model.concept_readout import CSV_COLUMNS, DICTIONARY
 from tests.train_fixtures import run_script, train_setup  # noqa: F401
 from train_utils import loops
+from train_utils.concept_readout import CSV_COLUMNS, DICTIONARY
 
 pytestmark = pytest.mark.slow
 
@@ -82,8 +82,8 @@ def _moved_masks(root, work):
     return alt
 
 
-def test_evaluate_describe_uses_no_ground_truth_and_reports_agreement(tracked_run, train_setup, capsys):  # noqa: F811
-    evaluate.main(["--run", str(tracked_run), "--split", "all", "--describe", "--overlays", "0"])
+def test_evaluate_readout_uses_no_ground_truth_and_reports_agreement(tracked_run, train_setup, capsys):  # noqa: F811
+    evaluate.main(["--run", str(tracked_run), "--split", "all", "--readout", "--overlays", "0"])
     out = tracked_run / "eval_all"
     concept = pd.read_csv(out / "concept.csv", keep_default_na=False)
     assert tuple(concept.columns) == CSV_COLUMNS
@@ -100,7 +100,7 @@ def test_evaluate_describe_uses_no_ground_truth_and_reports_agreement(tracked_ru
 
     # Other true masks: other metrics, the same readout.
     alt = _moved_masks(train_setup["root"], train_setup["work"])
-    evaluate.main(["--run", str(tracked_run), "--split", "all", "--describe", "--overlays", "0", "--root", str(alt),
+    evaluate.main(["--run", str(tracked_run), "--split", "all", "--readout", "--overlays", "0", "--root", str(alt),
                    "--out", str(train_setup["work"] / "eval_moved")])
     moved = train_setup["work"] / "eval_moved"
     assert not pd.read_csv(moved / "per_image.csv")["dice"].equals(pd.read_csv(out / "per_image.csv")["dice"])
@@ -108,14 +108,14 @@ def test_evaluate_describe_uses_no_ground_truth_and_reports_agreement(tracked_ru
     pd.testing.assert_frame_equal(pd.read_csv(moved / "concept.csv", keep_default_na=False), concept)
 
 
-def test_predict_describe_writes_the_same_readout(tracked_run, train_setup, tmp_path):  # noqa: F811
+def test_predict_readout_writes_the_same_readout(tracked_run, train_setup, tmp_path):  # noqa: F811
     predict.main(["--run", str(tracked_run), "--input", str(train_setup["root"] / "synthetic" / "images"),
-                  "--output", str(tmp_path / "pred"), "--describe"])
+                  "--output", str(tmp_path / "pred"), "--readout"])
     concept = pd.read_csv(tmp_path / "pred" / "concept.csv", keep_default_na=False)
     assert tuple(concept.columns) == CSV_COLUMNS and concept["name"].tolist() == train_setup["names"]
     evaluated = tracked_run / "eval_all" / "concept.csv"
     if not evaluated.exists():
-        evaluate.main(["--run", str(tracked_run), "--split", "all", "--describe", "--overlays", "0"])
+        evaluate.main(["--run", str(tracked_run), "--split", "all", "--readout", "--overlays", "0"])
     # No mask was read, yet the same sentences as evaluate.py (same batches of the same images).
     expected = pd.read_csv(evaluated, keep_default_na=False).sort_values("name", ignore_index=True)
     assert concept["sentence"].tolist() == expected["sentence"].tolist()

@@ -98,6 +98,7 @@ def interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
 def synthetic_batch(tokenizer, batch: int, size: int, seed: int, pad_to: int | None = None) -> dict:
     """Images, ROIs (image x mask), labels and tokenised prompts, padded as training pads them."""
     from data_process.my_dataset import collate
+    from model.CoTexNet import ROI_POSITION
 
     gen = torch.Generator().manual_seed(seed)
     yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
@@ -111,7 +112,7 @@ def synthetic_batch(tokenizer, batch: int, size: int, seed: int, pad_to: int | N
                         max_length=pad_to)["input_ids"]
         items.append(dict(pixel_values=pixels, label=label, roi_pixel_values=pixels * (label > 0),
                           input_ids=torch.tensor(ids), name=f"img_{i}.jpg", orig_size=(size, size)))
-    out = collate(items)
+    out = collate(items, tokenizer.pad_token_id, ROI_POSITION)
     if pad_to:  # the paper's padding: attention on the prompt only, sequence of 77
         out["attention_mask"] = (out["input_ids"] != tokenizer.pad_token_id).long()
         out["attention_mask"][:, 0] = 1
@@ -237,9 +238,9 @@ def rss_in_child(args, kind: str) -> float | None:
 
 
 def bench_segmentation(args, rows: list, notes: list) -> None:
-    from model.checkpoint import save_checkpoint
+    from model.CoTexNet import predict_labels
     from model.feature_cache import FeatureCache
-    from train_utils.metrics import image_metrics, predict_labels
+    from train_utils.metrics import image_metrics
 
     mixed = args.dtype == "bf16"
     kinds = ["fp32", "bf16"] if mixed else ["fp32"]
@@ -346,7 +347,7 @@ def bench_segmentation(args, rows: list, notes: list) -> None:
             rounds.update(paper_eval=lambda: paper_eval_forward(False), paper_val=lambda: paper_eval_forward(True))
         evals = interleaved(rounds, repeats)
         evals["cached"] += evals.pop("cached2")
-        ckpt = save_checkpoint(model, Path(tmp) / "ckpt")
+        ckpt = model.save_pretrained(Path(tmp) / "ckpt")
         ckpt_mb = sum(f.stat().st_size for f in ckpt.iterdir()) / 1e6
         cache_dtype = str(cache_holder["cache"].dtype).removeprefix("torch.")
 

@@ -21,19 +21,25 @@ import yaml
 
 from common.errors import CoTexNetError, not_utf8
 from data_process import layout
+from data_process.registry import REGISTRY_FILE, DatasetSpec, get_spec, known_datasets
 from train_utils.trackers import check_trackers
+
+# Keys of the paper's YAML that can hold one value only: a file that has them is read (the paper's,
+# and runs of earlier versions, carry them), another value is refused, saying why.
+ONE_VALUE_KEYS = {"MODEL.model_name": ("CoTexNet", "the only model here"),
+                  "TRAIN.start_epoch": (0, "continue a run with `train.py --resume RUN_DIR`, which restores the "
+                                           "optimizer, schedule and RNG as well")}
 
 
 @dataclass
 class ModelConfig:
-    model_name: str = "CoTexNet"
     clipseg_hf_api: str = "CIDAS/clipseg-rd64-refined"  # hub id or a local from_pretrained folder
 
 
 @dataclass
 class DatasetConfig:
     dataset_name: str | list[str] = "kvasir"  # a list trains on several datasets at once, mixed in every batch
-    num_classes: int = 2  # categories + 1 (background counted), as in the paper
+    num_classes: int | None = None  # categories + 1 background; null: the registry's; given: checked against it
     root_dir: str = "data_process"  # <root_dir>/<dataset_name>/{images,masks,ROIs}
     split_dir: str = "data_process"  # {train,val,test}_data.csv
     text_csv: str | list[str] = ""  # "" = text_file/<dataset_name>/<dataset_name>_text_out.csv; a list: one per dataset
@@ -60,7 +66,6 @@ class TrainConfig:
     weight_decay: float = 1e-4
     patience: int = 50  # counted only after the first fifth of the epochs
     print_freq: int = 10  # iterations between progress-bar loss updates
-    start_epoch: int = 0  # the paper's key; continuing a run is `--resume RUN_DIR`
     save_best: bool = True  # keep the best validation score and test it; False: test the last
     select_metric: str = "dice"  # best epoch and early stopping: dice (hard, per image) | paper_dice (soft, batch mean)
     early_stopping: str = "best"  # best: against the best so far | paper: the paper's rule (train_utils/early_stopping.py)
@@ -95,6 +100,32 @@ class Config:
         given = given if isinstance(given, list) else [given] * len(self.datasets())
         return {name: Path(path) if path else layout.text_csv(name) for name, path in zip(self.datasets(), given,
                                                                                           strict=True)}
+
+    def spec(self, name: str | None = None) -> DatasetSpec:
+        """The registry entry of dataset `name` (default: the first configured), with DATASET.keyword."""
+        return get_spec(name or self.datasets()[0], self.DATASET.keyword)
+
+    def num_classes(self) -> int:
+        """Categories + 1 background: DATASET.num_classes where given, else the registry's."""
+        return self.DATASET.num_classes or self.spec().num_classes
+
+    def check_num_classes(self, predicted: int | None = None) -> None:
+        """The registry gives every configured dataset the same class count, the one DATASET.num_classes
+        gives where set, and the one a trained run `predicted`s where evaluated on another dataset."""
+        counts = {name: self.spec(name).num_classes for name in self.datasets()}
+        if len(set(counts.values())) > 1:
+            listed = ", ".join(f"{name} {count}" for name, count in counts.items())
+            raise CoTexNetError(f"DATASET.dataset_name: datasets trained together must have the same classes; "
+                                f"the registry gives {listed} (categories + 1 background)")
+        (name, count), given = next(iter(counts.items())), self.DATASET.num_classes
+        if predicted is not None and predicted != count:
+            raise CoTexNetError(f"--dataset {name}: it has {count} classes (categories + 1 background) but the run "
+                                f"predicts {predicted}; evaluate it with a run trained for its classes")
+        if given is not None and given != count:
+            where = (f"{REGISTRY_FILE} gives {name} {count}" if name.lower() in map(str.lower, known_datasets())
+                     else f"{name} is not in {REGISTRY_FILE}, so it is binary: 2")
+            raise CoTexNetError(f"DATASET.num_classes: {given}, but {where} (categories + 1 background); fix the "
+                                "config or the registry entry")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -142,6 +173,11 @@ def _check_type(key: str, value, hint):
 
 
 def _set(config: Config, key: str, value) -> None:
+    if key in ONE_VALUE_KEYS:
+        only, why = ONE_VALUE_KEYS[key]
+        if value != only or type(value) is not type(only):
+            raise CoTexNetError(f"{key}: {value!r} must be {only!r} ({why}), or the key left out")
+        return
     section_name, _, field_name = key.partition(".")
     sections = {f.name: f for f in dataclasses.fields(Config)}
     if section_name not in sections or not field_name:
@@ -160,8 +196,8 @@ def _all_keys() -> list[str]:
 def _validate(config: Config) -> None:
     t, d, names = config.TRAIN, config.DATASET, config.datasets()
     rules = [
-        ("MODEL.model_name", config.MODEL.model_name == "CoTexNet", "must be CoTexNet (the only model here)"),
-        ("DATASET.num_classes", d.num_classes >= 2, "must be >= 2 (categories + 1 background; binary is 2)"),
+        ("DATASET.num_classes", d.num_classes is None or d.num_classes >= 2,
+         "must be >= 2 (categories + 1 background; binary is 2), or null for the registry's"),
         ("DATASET.dataset_name", bool(names) and all(n.strip() for n in names), "must not be empty"),
         ("DATASET.dataset_name", len(set(names)) == len(names), "names a dataset twice"),
         ("DATASET.text_csv", len(d.text_csv) == len(names) if isinstance(d.text_csv, list)
@@ -175,12 +211,12 @@ def _validate(config: Config) -> None:
          "datasets needs TRAIN.select_metric dice (the paper's figures are means over mixed batches, not per dataset)"),
         ("DATASET.binarize", d.binarize in ("registry", "paper"), "must be registry or paper"),
         ("TRAIN.select_metric", t.select_metric in ("dice", "paper_dice"), "must be dice or paper_dice"),
-        ("TRAIN.select_metric", t.select_metric == "dice" or d.num_classes == 2,
+        ("TRAIN.select_metric", t.select_metric == "dice" or config.num_classes() == 2,
          "paper_dice is defined for binary datasets only (DATASET.num_classes 2)"),
         ("TRAIN.early_stopping", t.early_stopping in ("best", "paper"), "must be best or paper"),
         ("TRAIN.loss_input", t.loss_input in ("logits", "paper_probabilities"), "must be logits or paper_probabilities"),
         ("TRAIN.lr_schedule", t.lr_schedule in ("warmup_cosine", "paper"), "must be warmup_cosine or paper"),
-        ("TRAIN.loss_input", t.loss_input == "logits" or d.num_classes == 2,
+        ("TRAIN.loss_input", t.loss_input == "logits" or config.num_classes() == 2,
          "paper_probabilities is for binary datasets only (DATASET.num_classes 2)"),
         ("TRAIN.device", t.device in ("auto", "cpu", "cuda"), "must be auto, cpu or cuda"),
         ("TRAIN.random_seed", 0 <= t.random_seed < 2**32, "must be in 0..2**32-1 (what numpy's seeding takes)"),
@@ -197,8 +233,6 @@ def _validate(config: Config) -> None:
         ("TRAIN.weight_decay", t.weight_decay >= 0, "must be >= 0"),
         ("TRAIN.patience", t.patience >= 1, "must be >= 1"),
         ("TRAIN.print_freq", t.print_freq >= 1, "must be >= 1"),
-        ("TRAIN.start_epoch", t.start_epoch == 0, "must be 0: continue a run with `train.py --resume RUN_DIR`, "
-                                                   "which restores the optimizer, schedule and RNG as well"),
         ("TRAIN.seg_weight", t.seg_weight >= 0, "must be >= 0"),
         ("TRAIN.kl_weight", t.kl_weight >= 0, "must be >= 0"),
         ("TRAIN.cpu_threads", t.cpu_threads >= 0, "must be >= 0"),

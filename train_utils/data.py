@@ -1,9 +1,13 @@
-"""Datasets and loaders of a run, from its config: the splits (and the train split's augmented
-copies), the prompts, the transforms; images without masks for prediction; skipping unreadable
-files in evaluation and prediction."""
+"""What a run reads, built from its config: the datasets of its splits (the train split with its
+augmented copies and prompts; several datasets mixed as one) or of new images, in loaders.
+
+Evaluation and prediction read through `readable_loader`: an unreadable file keeps its place in
+its batch as an error, so that the rest goes on and per-batch gathers stay aligned.
+"""
 
 from __future__ import annotations
 
+import bisect
 import weakref
 from pathlib import Path
 
@@ -11,14 +15,13 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from torchvision import tv_tensors
 
-from common.atomic import write_text
 from common.errors import CoTexNetError
 from data_process import splits
 from data_process.decoding import read_image
 from data_process.layout import AUGMENTED, dataset_dir
 from data_process.my_dataset import SegDataset, collate
-from data_process.registry import get_spec
 from data_process.transforms import eval_transform, train_transform
+from llava_inference.text_csv_reader import load_prompts
 from train_utils.config import Config
 
 _SNAPSHOTS: dict[int, tuple[weakref.ref, dict]] = {}  # id(config) -> (the config, dataset -> its splits)
@@ -67,17 +70,51 @@ def dataset(cfg: Config, split: str, tokenizer=None, prompts=None, name: str | N
     d, size, name = cfg.DATASET, cfg.TRAIN.input_size, name or cfg.datasets()[0]
     transform = train_transform(size) if split == "train" else eval_transform(size)
     frame = split_frame(cfg, split, name)
-    found = SegDataset(d.root_dir, name, frame, spec(cfg, name), transform, tokenizer=tokenizer, prompts=prompts,
+    found = SegDataset(d.root_dir, name, frame, cfg.spec(name), transform, tokenizer=tokenizer, prompts=prompts,
                        binarize=d.binarize)
     copies = dataset_splits(cfg, name).copies_of(frame) if split == "train" and d.augmented else []
     if not len(copies):
         return found
-    return WithCopies(found, SegDataset(d.root_dir, f"{name}/{AUGMENTED}", copies, spec(cfg, name), transform,
+    return WithCopies(found, SegDataset(d.root_dir, f"{name}/{AUGMENTED}", copies, cfg.spec(name), transform,
                                         tokenizer=tokenizer, prompts=prompts, binarize=d.binarize))
 
 
-def spec(cfg: Config, name: str | None = None):
-    return get_spec(name or cfg.datasets()[0], cfg.DATASET.keyword)
+class Mixed(ConcatDataset):
+    """The same split of several datasets as one dataset; each item carries its dataset's name."""
+
+    def __init__(self, parts: dict):
+        super().__init__(list(parts.values()))
+        self.names = list(parts)
+        self.folders = {name: part.folder for name, part in parts.items()}
+
+    def __getitem__(self, index: int) -> dict:
+        item = super().__getitem__(index)
+        part = bisect.bisect_right(self.cumulative_sizes, index % len(self))
+        return dict(item, dataset=self.names[part])
+
+
+def split_set(cfg: Config, split: str, tokenizer=None):
+    """A split of the configured dataset(s): a SegDataset for one dataset, a `Mixed` of them for
+    several (each dataset keeps its registry entry, text CSV and split rows). With a tokenizer,
+    each dataset's items carry the prompts of its own text CSV."""
+    sets, several = {}, len(cfg.datasets()) > 1
+    for name, csv in cfg.text_csvs().items():
+        prompts = None
+        if tokenizer is not None:
+            try:
+                prompts = load_prompts(csv, cfg.spec(name))
+            except CoTexNetError as err:
+                # The default text CSV names its dataset; a path of one's own may not.
+                raise CoTexNetError(f"dataset {name}: {err}" if several else str(err)) from None
+        sets[name] = dataset(cfg, split, tokenizer, prompts, name=name)
+    return Mixed(sets) if several else sets[cfg.datasets()[0]]
+
+
+def image_paths(data, batch: dict) -> list:
+    """The image files of a batch of `data` (a SegDataset or a `Mixed`)."""
+    if "dataset" in batch:
+        return [data.folders[part] / "images" / name for part, name in zip(batch["dataset"], batch["name"], strict=True)]
+    return [data.folder / "images" / name for name in batch["name"]]
 
 
 def process_batch_size(cfg: Config, num_processes: int) -> int:
@@ -119,23 +156,26 @@ class SkipUnreadable(Dataset):
 
 
 class ImageFiles(Dataset):
-    """Image files without masks (prediction), resized and normalised exactly as in validation."""
+    """Image files of one folder without masks (prediction), resized and normalised exactly as in
+    validation; an item is named by its file name."""
 
     def __init__(self, paths: list[Path], size: int):
-        self.paths, self.transform = paths, eval_transform(size)
+        self.paths, self.transform = {path.name: path for path in paths}, eval_transform(size)
+        self.names = list(self.paths)
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.names)
 
     def __getitem__(self, index: int) -> dict:
-        image = read_image(self.paths[index])
+        name = self.names[index]
+        image = read_image(self.paths[name])
         pixels = self.transform(tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1)))
-        return dict(pixel_values=pixels.as_subclass(torch.Tensor), name=str(self.paths[index]),
-                    orig_size=image.shape[:2])
+        return dict(pixel_values=pixels.as_subclass(torch.Tensor), name=name, orig_size=image.shape[:2])
 
 
 def collate_readable(batch: list[dict]) -> dict:
-    """A batch of the readable items (name == [] when none is) plus `errors`, the messages of the others.
+    """A batch of the readable items (name == [] when none is) plus `errors`: for every item in
+    its place, None or the message of a file that could not be read.
 
     Items of a SegDataset go through its `collate`; those of ImageFiles carry no label to stack."""
     good = [item for item in batch if "error" not in item]
@@ -146,17 +186,10 @@ def collate_readable(batch: list[dict]) -> dict:
     else:
         out = dict(pixel_values=torch.stack([item["pixel_values"] for item in good]),
                    name=[item["name"] for item in good], orig_size=[item["orig_size"] for item in good])
-    out["errors"] = [item["error"] for item in batch if "error" in item]
+    out["errors"] = [item.get("error") for item in batch]
     return out
 
 
 def readable_loader(cfg: Config, data, num_processes: int = 1) -> DataLoader:
     """A loader of `data` in which an unreadable file is listed in the batch's `errors`, not raised."""
     return loader(cfg, SkipUnreadable(data), collate_fn=collate_readable, num_processes=num_processes)
-
-
-def report_unreadable(errors: list[str], path: Path) -> None:
-    """Print the files that could not be read, and list them in `path`."""
-    if errors:
-        print(f"{len(errors)} unreadable file(s) skipped (listed in {path}):\n  " + "\n  ".join(errors[:10]))
-        write_text(path, "\n".join(errors) + "\n")

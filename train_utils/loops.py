@@ -1,8 +1,8 @@
-"""The training loop: one epoch, evaluation, and `fit`, which runs the epochs until the end,
-early stopping, or a stop request (Ctrl-C or SIGTERM).
+"""The training loop: `Training` (what a run trains, and its state), one epoch, and `fit`, which
+runs the epochs until the end, early stopping, or a stop request (Ctrl-C or SIGTERM).
 
-Validation metrics are gathered from all processes, so every process takes the same
-early-stopping decision; checkpoints and logs are written by the main process only.
+Validation metrics are gathered from all processes (`train_utils.evaluation`), so every process
+takes the same early-stopping decision; checkpoints and logs are written by the main process only.
 """
 
 from __future__ import annotations
@@ -21,19 +21,14 @@ from tqdm.auto import tqdm
 
 from common.errors import CoTexNetError
 from model.feature_cache import FeatureCache
-from train_utils import gallery, multi, reporting
+from train_utils import pictures, reporting
 from train_utils.config import Config
 from train_utils.early_stopping import EarlyStopping
-from train_utils.inference import labels_at
-from train_utils.metrics import (
-    PAPER_KEYS,
-    image_metrics,
-    paper_batch,
-    paper_image_dice,
-    paper_image_stats,
-    paper_summary,
-)
-from train_utils.run_state import save_best, save_last
+from train_utils.evaluation import evaluate
+from train_utils.metrics import overall
+from train_utils.paper_metrics import PAPER_KEYS
+from train_utils.rng import rng_state, set_rng_state
+from train_utils.run_state import load_training_state, save_last
 from train_utils.trackers import Trackers
 
 
@@ -48,8 +43,8 @@ class Outcome(enum.Enum):
 @dataclass
 class Training:
     """What `fit` trains with (model, optimizer and loaders prepared by the accelerator; the
-    schedule, timm's, over the prepared training loader), plus the early-stopping rule and the
-    epoch log, which `run_state.resume` restores."""
+    schedule, timm's, over the prepared training loader), the early-stopping rule, the epoch log
+    and the last finished epoch. Its state (`state_dict`) is what last/ holds beside the weights."""
 
     cfg: Config
     run: Path
@@ -62,12 +57,58 @@ class Training:
     val_loader: object
     generator: torch.Generator  # the training loader's shuffle
     class_names: list[str] | None = None
+    epoch: int = 0  # the last finished one
     stopper: EarlyStopping = field(init=False)
     log: reporting.EpochLog = field(init=False)
 
     def __post_init__(self):
         self.stopper = EarlyStopping(self.cfg.TRAIN.patience, self.cfg.TRAIN.epochs, self.cfg.TRAIN.early_stopping)
         self.log = reporting.EpochLog(self.run / "log.csv")
+
+    def state_dict(self) -> dict:
+        """The epoch, optimizer, schedule, grad scaler, early stopping and every RNG (not the weights)."""
+        scaler = self.accelerator.scaler
+        return dict(epoch=self.epoch, optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                    scaler=scaler.state_dict() if scaler is not None else None,
+                    early_stopping=self.stopper.state_dict(), rng=rng_state(self.generator))
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict`'s, the log cut to its epoch; refused when the schedule it continues
+        spans another number of steps than this training split gives."""
+        built_for, now = _schedule_steps(state["scheduler"], self.run), _schedule_steps(self.scheduler.state_dict(), self.run)
+        if built_for != now:
+            raise CoTexNetError(f"--resume {self.run}: its learning-rate schedule was built for {built_for} steps, the "
+                                f"training split now gives {now} ({len(self.train_loader)} per epoch); the split "
+                                "changed since the run started, so the schedule would not end where it should: start "
+                                "a new run (or restore the split)")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.accelerator.scaler is not None and state["scaler"] is not None:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        self.stopper.load_state_dict(state["early_stopping"])
+        self.log.rows = [row for row in self.log.rows if row["epoch"] <= state["epoch"]]  # logged, not saved
+        self.epoch = state["epoch"]
+        set_rng_state(state["rng"], self.generator)  # last: building the model drew from the RNGs
+
+    def resume(self) -> None:
+        """Continue from the run's last/: its weights and state. A run without one yet (stopped during
+        its first epoch) starts over."""
+        state = load_training_state(self.run)
+        if state is None:
+            if self.accelerator.is_main_process:
+                print(f"{self.run}: no last/ checkpoint (stopped during its first epoch): starting over from "
+                      "epoch 1 with its config.yaml")
+            return
+        self.accelerator.unwrap_model(self.model).load_weights(self.run / "last")
+        self.load_state_dict(state)
+
+
+def _schedule_steps(state: dict, run: Path) -> int:
+    """The optimiser steps a saved schedule (timm's CosineLRScheduler) spans, its warm-up included."""
+    if "t_initial" not in state:
+        raise CoTexNetError(f"--resume {run}: its last/ holds the learning-rate schedule of an earlier train.py (a torch "
+                            "scheduler), which this version cannot continue: start a new run, or resume with that version")
+    return state["t_initial"] + (state["warmup_t"] if state["warmup_prefix"] else 0)
 
 
 def train_one_epoch(model, loader, criterion, optimizer, scheduler, accelerator: Accelerator,
@@ -102,56 +143,6 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, accelerator:
     return dict(train_loss=loss, train_seg=seg, train_kl=kl, lr=optimizer.param_groups[0]["lr"])
 
 
-@torch.no_grad()
-def evaluate(model, loader, accelerator: Accelerator, num_classes: int, class_names=None,
-             cache: FeatureCache | None = None, hd95: bool = True, keep: int = 0, desc: str = "eval",
-             pictures: Path | None = None):
-    """Metrics of every image of `loader` on the evaluation path (images only, no text), at the
-    size of its labels (the training input size).
-
-    `cache`: frozen ViT features by image file, reused on later calls (validation every epoch);
-    valid because the eval transform is deterministic and CLIP is frozen.
-    `keep`: return the first `keep` (image, truth, prediction) of the main process for overlays.
-    `pictures`: write every image's gallery picture (`gallery.write_picture`) into this folder.
-    Returns (rows, summary, kept); rows hold one dict per image (with its name, and its dataset when
-    the loader mixes several), from all processes; the summary of several datasets holds each one's.
-    Binary: rows and summary also hold the paper's figures (`paper_*`), each batch being the
-    images of one step over all processes.
-    """
-    core = accelerator.unwrap_model(model)
-    core.eval()
-    rows, kept, paper_batches = [], [], []
-    bar = tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_main_process)
-    for batch in bar:
-        pixels, labels = batch["pixel_values"], batch["label"]
-        if cache is None:
-            with accelerator.autocast():
-                output = core(pixels)
-        else:
-            # The cache runs the encoder outside autocast, in its weights' dtype (bf16 once cast).
-            features = cache.features(core, pixels, multi.image_paths(loader.dataset, batch))
-            with accelerator.autocast():
-                output = core.forward_features(features)
-        pred = torch.stack(labels_at(output.logits, [labels.shape[-2:]] * len(labels)))
-        tags = [dict(dataset=part) for part in batch["dataset"]] if "dataset" in batch else [{}] * len(pred)
-        batch_rows = [dict(**tag, name=name, **m) for tag, name, m in
-                      zip(tags, batch["name"], image_metrics(pred, labels, num_classes, class_names, hd95=hd95),
-                          strict=True)]
-        binary = num_classes == 2
-        stats = paper_image_stats(torch.sigmoid(output.logits.float()), labels) if binary else [None] * len(pred)
-        # Gathered per batch: accelerate then drops the samples it repeated to even out the last batch.
-        gathered = accelerator.gather_for_metrics(list(zip(batch_rows, stats, strict=True)), use_gather_object=True)
-        rows += [dict(row, paper_dice=paper_image_dice(stat)) if binary else row for row, stat in gathered]
-        if binary:
-            paper_batches.append(paper_batch([stat for _, stat in gathered]))
-        for tag, name, pixel, label, one in zip(tags, batch["name"], pixels, labels, pred, strict=True) if pictures else ():
-            gallery.write_picture(gallery.picture_path(pictures, name, tag.get("dataset")),
-                                  reporting.denormalize(pixel), label.cpu().numpy(), one.cpu().numpy())
-        for j in range(min(keep - len(kept), len(pixels))):
-            kept.append((reporting.denormalize(pixels[j]), labels[j].cpu().numpy(), pred[j].cpu().numpy()))
-    return rows, {**multi.summarize(rows), **paper_summary(paper_batches)}, kept
-
-
 class StopOnRequest:
     """First Ctrl-C or SIGTERM: finish the epoch, save last/, stop (resuming is then exact).
     A second one: quit now."""
@@ -175,42 +166,45 @@ class StopOnRequest:
             signal.signal(signum, handler)
 
 
-def fit(training: Training, start_epoch: int = 0) -> Outcome:
-    """Train the epochs after `start_epoch` (0: a new run; else what `run_state.resume` returned)."""
+def fit(training: Training) -> Outcome:
+    """Train the epochs after `training.epoch` (0: a new run; a resumed one continues)."""
     tr, t = training, training.cfg.TRAIN
     accelerator, stopper, main = tr.accelerator, tr.stopper, tr.accelerator.is_main_process
-    cache = FeatureCache(accelerator.unwrap_model(tr.model), t.input_size, folder=tr.run / "feature_cache",
-                         memory_mb=t.feature_cache_mb)
+    model = accelerator.unwrap_model(tr.model)
+    cache = FeatureCache(model, t.input_size, folder=tr.run / "feature_cache", memory_mb=t.feature_cache_mb)
     # The trackers end however fit ends: finished, early-stopped, interrupted or failed.
     with StopOnRequest() as stop, Trackers(t.log_with, tr.run, tr.cfg.to_dict()) as trackers:
-        for epoch in range(start_epoch + 1, t.epochs + 1):
+        for epoch in range(tr.epoch + 1, t.epochs + 1):
             if stopper.should_stop:
                 break
             began = time.time()
             row = dict(epoch=epoch, **train_one_epoch(tr.model, tr.train_loader, tr.criterion, tr.optimizer,
                                                        tr.scheduler, accelerator, epoch, t.print_freq))
-            _, val, kept = evaluate(tr.model, tr.val_loader, accelerator, tr.cfg.DATASET.num_classes, tr.class_names,
-                                    cache, hd95=False, keep=t.num_overlays, desc=f"epoch {epoch} val")
-            score = multi.overall(val, t.select_overall)[t.select_metric]
+            result = evaluate(tr.model, tr.val_loader, accelerator, model.num_classes, tr.class_names, cache=cache,
+                              hd95=False, keep=t.num_overlays, desc=f"epoch {epoch} val")
+            val, kept, tr.epoch = result.summary, result.kept, epoch
+            score = overall(val, t.select_overall)[t.select_metric]
             improved = stopper.update(epoch, score)
+            # Several datasets: each one's Dice and their mean.
+            each = {f"val_dice_{name}": part.get("dice") for name, part in val.get("datasets", {}).items()}
+            if each:
+                each["val_dice_datasets"] = val["mean_over_datasets"]["dice"]
             row.update(val_dice=val["dice"], val_iou=val["iou"], **{f"val_{k}": val[k] for k in PAPER_KEYS if k in val},
-                       **multi.log_columns(val), **{f"best_{t.select_metric}": stopper.best},
-                       time_s=time.time() - began)
+                       **each, **{f"best_{t.select_metric}": stopper.best}, time_s=time.time() - began)
             if main:
                 if improved and t.save_best:
-                    save_best(tr.run, tr.model, accelerator, epoch, {f"val_{t.select_metric}": score})
+                    model.save_pretrained(tr.run / "best", dict(epoch=epoch, **{f"val_{t.select_metric}": score}))
                     for k, (image, truth, pred) in enumerate(kept):
-                        reporting.write_overlay(tr.run / "overlays" / f"epoch{epoch:04d}_{k}.png", image, truth, pred)
+                        pictures.write_overlay(tr.run / "overlays" / f"epoch{epoch:04d}_{k}.png", image, truth, pred)
                     if kept:
-                        trackers.log_images({"overlays": [reporting.overlay(*picture) for picture in kept]}, epoch)
+                        trackers.log_images({"overlays": [pictures.overlay(*picture) for picture in kept]}, epoch)
                 tr.log.append(row)
                 trackers.log({key: value for key, value in row.items() if key != "epoch"}, epoch)
                 tr.log.plot(tr.run / "curves.png")
-                save_last(tr.run, tr.model, tr.optimizer, tr.scheduler, accelerator, stopper, epoch, tr.generator)
-                each = "".join(f"  {key.removeprefix('val_dice_')} {value:.4f}"
-                               for key, value in multi.log_columns(val).items())
+                save_last(tr.run, model, tr.state_dict())
+                shown = "".join(f"  {key.removeprefix('val_dice_')} {value:.4f}" for key, value in each.items())
                 paper = f"paper_dice {val['paper_dice']:.4f}  " if "paper_dice" in val else ""
-                print(f"epoch {epoch}/{t.epochs}  loss {row['train_loss']:.4f}  val Dice {val['dice']:.4f}{each}  "
+                print(f"epoch {epoch}/{t.epochs}  loss {row['train_loss']:.4f}  val Dice {val['dice']:.4f}{shown}  "
                       f"IoU {val['iou']:.4f}  {paper}best {t.select_metric} {stopper.best:.4f} "
                       f"(epoch {stopper.best_epoch})  {row['time_s']:.1f}s", flush=True)
             accelerator.wait_for_everyone()

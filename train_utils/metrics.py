@@ -11,9 +11,9 @@ Empty masks are counted, not dropped:
   `hd95_undefined` of the summary.
 HD95 is in pixels at the resolution the masks are given in.
 
-Beside them, the paper's own figures (`paper_dice`, `paper_iou`, `paper_acc`, `paper_miou`):
-a soft Dice on probabilities and batch means, computed as the paper's torchmetrics calls do
-(below); they compare with the paper's tables, not with the per-image figures.
+Rows of several datasets (a `dataset` column) are also summarised per dataset and as the mean over
+the datasets, where a small dataset weighs as much as a large one. The paper's own figures are
+`train_utils.paper_metrics`.
 """
 
 from __future__ import annotations
@@ -27,14 +27,11 @@ import torch
 import torch.nn.functional as F
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou
 
+from train_utils.paper_metrics import PAPER_KEYS
+
 # MONAI's HD95 needs scipy (binary erosion); without it HD95 is reported as NaN, loudly.
 HAS_SCIPY = importlib.util.find_spec("scipy") is not None
-PAPER_KEYS = ("paper_dice", "paper_iou", "paper_acc", "paper_miou")
-
-
-def predict_labels(logits: torch.Tensor) -> torch.Tensor:
-    """(B,C,H,W) logits -> (B,H,W) int64 labels: C=1 is binary (logit > 0), else argmax."""
-    return (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
+COUNTS = ("images", "empty_pred", "empty_truth", "hd95_undefined")
 
 
 def class_names(num_classes: int, categories=()) -> list[str]:
@@ -81,8 +78,30 @@ def image_metrics(pred: torch.Tensor, truth: torch.Tensor, num_classes: int, nam
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Mean and std (ddof 0) over images of every metric column, undefined HD95s left out;
-    plus the number of images with an empty prediction / truth / undefined HD95."""
+    """Mean and std (ddof 0) over images of every metric column, undefined HD95s left out; plus
+    the number of images with an empty prediction / truth / undefined HD95. Rows of several
+    datasets add `datasets` (name -> its summary) and `mean_over_datasets` (the mean of their
+    means; its `_std` the spread between datasets)."""
+    summary = _over_images(rows)
+    if not rows or "dataset" not in rows[0]:
+        return summary
+    names = list(dict.fromkeys(row["dataset"] for row in rows))
+    per = {name: _over_images([row for row in rows if row["dataset"] == name]) for name in names}
+    mean = {"datasets": len(names)}
+    for key, value in summary.items():
+        if key not in COUNTS and not key.endswith("_std") and isinstance(value, int | float | None):
+            defined = [per[name][key] for name in names if per[name].get(key) is not None]
+            mean[key] = float(np.mean(defined)) if defined else None
+            mean[f"{key}_std"] = float(np.std(defined)) if defined else None
+    return dict(summary, datasets=per, mean_over_datasets=mean)
+
+
+def overall(summary: dict, select_overall: str) -> dict:
+    """The overall figures that pick the best epoch: over images (the summary), or over datasets."""
+    return summary["mean_over_datasets"] if select_overall == "datasets" and "datasets" in summary else summary
+
+
+def _over_images(rows: list[dict]) -> dict:
     summary: dict = {"images": len(rows)}
     if not rows:
         return summary
@@ -102,57 +121,3 @@ def summarize(rows: list[dict]) -> dict:
     if not HAS_SCIPY:
         summary["hd95_note"] = "not computed: MONAI's HD95 needs scipy (pip install scipy)"
     return summary
-
-
-# The paper's figures (METHOD.md, "The paper's protocol"): torchmetrics 1.6.0 called once per
-# validation batch on the sigmoid probabilities and the integer target, the epoch's value the
-# plain mean over batches; binary only. Each image contributes sufficient statistics, so that
-# one batch's figures come out the same whether the batch ran on one process or was split over
-# several, and at any image size (evaluate.py's original sizes).
-# The sums are written out here, and tests/test_protocol.py holds them to torchmetrics: its
-# 1.6 DiceScore multiplies the probabilities with the target as they are, but from 1.7 on it
-# argmaxes float inputs over the channel, which on the paper's one channel makes every pixel
-# background: the same call no longer gives the paper's number.
-def paper_image_stats(probabilities: torch.Tensor, labels: torch.Tensor) -> list[dict]:
-    """Per image of a batch: the soft Dice terms of torchmetrics 1.6's `DiceScore(num_classes=2)`
-    (2 sum(p t), sum(p) + sum(t)) and the confusion counts at p > 0.5 behind `BinaryJaccardIndex`,
-    `Accuracy(task="binary")` and `MeanIoU`. `probabilities`: (B,1,H,W) or (B,H,W) sigmoid outputs; `labels`: (B,H,W) 0/1."""
-    probs = probabilities.reshape(labels.shape).float().cpu()
-    target = (labels > 0).long().cpu()
-    numerator = 2 * (probs * target).sum((1, 2))
-    denominator = probs.sum((1, 2)) + target.sum((1, 2))
-    hard, truth = probs > 0.5, target.bool()  # torchmetrics' binary threshold: p > 0.5
-    counts = torch.stack([(hard & truth).sum((1, 2)), (hard & ~truth).sum((1, 2)), (~hard & ~truth).sum((1, 2)),
-                          (~hard & truth).sum((1, 2))], 1)
-    return [dict(dice_num=float(n), dice_den=float(d), tp=int(c[0]), fp=int(c[1]), tn=int(c[2]), fn=int(c[3]))
-            for n, d, c in zip(numerator, denominator, counts.tolist(), strict=True)]
-
-
-def _divide(num: float, den: float, zero: float) -> float:
-    return num / den if den else zero
-
-
-def paper_image_dice(stats: dict) -> float:
-    """The paper's soft Dice of one image (a batch of one); both sums 0 gives 1, as in 1.6."""
-    return _divide(stats["dice_num"], stats["dice_den"], 1.0)
-
-
-def paper_batch(stats: list[dict]) -> dict:
-    """The four figures of one batch as the paper's torchmetrics calls give them:
-    DiceScore: mean over images of their soft Dice; BinaryJaccardIndex and Accuracy: over
-    the batch's pixels pooled; MeanIoU on the thresholded output with one channel: mean over
-    images of their foreground IoU, 0 when prediction and truth are both empty (1.6's
-    zero division)."""
-    tp, fp, tn, fn = (sum(s[k] for s in stats) for k in ("tp", "fp", "tn", "fn"))
-    return dict(images=len(stats), paper_dice=float(np.mean([paper_image_dice(s) for s in stats])),
-                paper_iou=_divide(tp, tp + fp + fn, 0.0), paper_acc=_divide(tp + tn, tp + fp + tn + fn, 0.0),
-                paper_miou=float(np.mean([_divide(s["tp"], s["tp"] + s["fp"] + s["fn"], 0.0) for s in stats])))
-
-
-def paper_summary(batches: list[dict]) -> dict:
-    """The paper's epoch figures: plain means over the batches' figures (so they depend on the
-    batch size), and how many batches they average."""
-    if not batches:
-        return {}
-    return {**{key: float(np.mean([b[key] for b in batches])) for key in PAPER_KEYS}, "paper_batches": len(batches),
-            "paper_batch_size": max(b["images"] for b in batches)}

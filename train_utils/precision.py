@@ -14,8 +14,8 @@ from train_utils.config import Config
 
 
 def cpu_has_native_bf16() -> bool:
-    """AVX-512 BF16 or AMX. Without them oneDNN emulates bf16 and the frozen ViT runs ~6x slower
-    than in float32 (tools/bench.py --dtype bf16)."""
+    """AVX-512 BF16 or AMX. Without them oneDNN emulates bf16 and the frozen ViT runs several times
+    slower than in float32 (README, Speed)."""
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 

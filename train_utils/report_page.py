@@ -28,7 +28,7 @@ from common.atomic import write_text
 from common.csv_reader import read_csv
 from common.errors import CoTexNetError
 from train_utils.config import load_config
-from train_utils.gallery import picture_path
+from train_utils.pictures import picture_path
 from train_utils.run_results import (
     IDENTITY_KEYS,
     Evaluation,

@@ -1,7 +1,8 @@
-"""What a run writes besides checkpoints: the per-epoch CSV log, curves.png, overlays, tables.
+"""The figures of a run as text and tables: its per-epoch CSV log (and its plot, curves.png),
+per-image CSVs, and the tables printed at the end.
 
-Every file goes through `common.atomic.atomic_path`, so an interrupted run never leaves a
-half-written log or picture behind.
+Every file goes through `common.io.atomic_path`, so an interrupted run never leaves a
+half-written log or plot behind.
 """
 
 from __future__ import annotations
@@ -9,20 +10,15 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import cv2
 import matplotlib
 
 matplotlib.use("Agg")  # no display on training machines
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
-import torch
 
-from common.atomic import atomic_path, write_image
-from data_process.transforms import IMAGENET_MEAN, IMAGENET_STD
-
-# Tints of classes 1, 2, ... in overlays (RGB).
-CLASS_COLORS = np.array([(0, 255, 0), (255, 0, 0), (0, 128, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255)], np.uint8)
+from common.atomic import atomic_path
+from train_utils.metrics import COUNTS
+from train_utils.paper_metrics import PAPER_KEYS
 
 
 class EpochLog:
@@ -66,47 +62,18 @@ def write_csv(path: str | Path, rows: list[dict]) -> None:
         pd.DataFrame(rows).to_csv(tmp, index=False)
 
 
-def denormalize(pixel_values: torch.Tensor) -> np.ndarray:
-    """A (3,H,W) tensor normalised by the transforms back to an HxWx3 uint8 RGB image."""
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    image = (pixel_values.float().cpu() * std + mean).clamp(0, 1)
-    return (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-
-
-def tint(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """The image with each class tinted in its colour and outlined."""
-    out = image.copy()
-    for k in range(1, int(labels.max(initial=0)) + 1):
-        mask = (labels == k).astype(np.uint8)
-        color = CLASS_COLORS[(k - 1) % len(CLASS_COLORS)]
-        out[mask > 0] = (0.55 * out[mask > 0] + 0.45 * color).astype(np.uint8)
-        contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        cv2.drawContours(out, contours, -1, tuple(int(c) for c in color), max(1, image.shape[0] // 150))
-    return out
-
-
-def overlay(image: np.ndarray, truth: np.ndarray | None, pred: np.ndarray) -> np.ndarray:
-    """HxWx3 uint8 RGB: image | truth | prediction (image | prediction when there is no truth)."""
-    panels = [image] + ([tint(image, truth)] if truth is not None else []) + [tint(image, pred)]
-    return np.hstack(panels)
-
-
-def write_overlay(path: str | Path, image: np.ndarray, truth: np.ndarray | None, pred: np.ndarray) -> None:
-    """`overlay` as one PNG."""
-    write_image(path, cv2.cvtColor(overlay(image, truth, pred), cv2.COLOR_RGB2BGR))
-
-
-def write_mask(path: str | Path, labels: np.ndarray, num_classes: int) -> None:
-    """A label map as PNG: binary 0/255 (viewable, as the datasets store masks), multi-class 0..K."""
-    scale = 255 if num_classes == 2 else 1
-    write_image(path, (labels * scale).astype(np.uint8))
-
-
-def format_table(results: dict[str, dict], keys=("dice", "iou", "miou", "pixel_acc", "hd95")) -> str:
-    """Split -> summary as a text table of mean ± std over images, with the empty-case counts;
-    binary runs add the paper's figures (means over batches, no std) and a line saying so."""
-    paper = [k for k in ("paper_dice", "paper_iou", "paper_acc", "paper_miou") if any(k in s for s in results.values())]
+def format_table(summaries: dict[str, dict], keys=("dice", "iou", "miou", "pixel_acc", "hd95")) -> str:
+    """Split -> summary as a text table of mean ± std over images, with the empty-case counts, and
+    a line for each dataset of a split of several ("test kvasir") and for their mean; binary runs
+    add the paper's figures (means over batches, no std) and a line saying so."""
+    results = {}
+    for split, summary in summaries.items():
+        results[split] = summary
+        results.update({f"{split} {name}": part for name, part in summary.get("datasets", {}).items()})
+        if "mean_over_datasets" in summary:  # with the counts of the images it is a mean over
+            results[f"{split} mean of datasets"] = dict(summary["mean_over_datasets"],
+                                                        **{key: summary[key] for key in COUNTS if key in summary})
+    paper = [k for k in PAPER_KEYS if any(k in s for s in results.values())]
     width = max(8, *(len(split) + 1 for split in results))  # rows such as "test kvasir" of several datasets
     header = (f"{'split':<{width}}{'images':>7}" + "".join(f"{k:>18}" for k in keys) + f"{'empty pred':>12}{'hd95 undef':>12}"
               + "".join(f"{k:>12}" for k in paper))
@@ -131,7 +98,7 @@ def _cell(mean, std) -> str:
 
 
 def format_agreement(figures: dict) -> str:
-    """`model.concept_readout.agreement` as a text table: per attribute, agreement beside chance and majority."""
+    """`train_utils.concept_readout.agreement` as a text table: per attribute, agreement beside chance and majority."""
     without = f", {figures['no_region']} without (left out)" if figures["no_region"] else ""
     lines = [f"concept readout vs the geometry describer on the true masks ({figures['images']} images with a "
              f"region{without})", f"{'attribute':<10}{'agreement':>11}{'chance':>9}{'majority':>10}"]

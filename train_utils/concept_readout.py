@@ -11,11 +11,12 @@ against the image's pseudo text I (lower is closer).
 The full dictionary has 3 x 9 x 8 x 3 x 11 = 7128 sentences, and the ROI token differs per
 image, so the search is coordinate-wise: from a start sentence, each attribute in turn takes
 its best word with the others fixed, cycling until the other four attributes have been
-visited without a change (34 text-encoder passes per image for one full sweep; typically
-50-70 in all). The result is never worse than the start and no single-attribute change
-improves it (unless `max_sweeps` cut the search short); it need not be the global optimum.
+visited without a change (3 + 9 + 8 + 3 + 11 = 34 text-encoder passes per image for one full
+sweep). The result is never worse than the start and no single-attribute change improves it
+(unless `max_sweeps` cut the search short); it need not be the global optimum.
 
 An image whose predicted mask is empty gets stage 2's empty row: number 0, no words, no KL.
+`agreement` scores readouts against what the geometry describer says of the TRUE masks.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from common.errors import CoTexNetError
 from llava_inference.attributes import KEYS, VOCABULARIES, Attributes
 from llava_inference.geometry import measure
 from llava_inference.sentence_template import plural, sentence
-from train_utils.metrics import predict_labels
 
 NUMBERS = (1, 2, 3)
 DICTIONARY: dict[str, tuple] = {"number": NUMBERS, **VOCABULARIES}
@@ -46,12 +46,6 @@ def kl_per_row(text_embedding: torch.Tensor, img_embedding: torch.Tensor) -> tor
     teacher = F.log_softmax(text_embedding.float(), dim=-1)
     student = F.log_softmax(img_embedding.float(), dim=-1)
     return (teacher.exp() * (teacher - student)).sum(-1)
-
-
-def predicted_foreground(model, pixel_values: torch.Tensor) -> torch.Tensor:
-    """(B,H,W) bool: where the model's evaluation path (images only) predicts any foreground class."""
-    with torch.inference_mode():
-        return predict_labels(model(pixel_values.to(_device(model))).logits) > 0
 
 
 def _device(model) -> torch.device:
@@ -86,20 +80,6 @@ class _Scorer:
                                                           self.roi_embedding[index]))
             out.append(kl_per_row(text, self.img_embedding[index]))
         return torch.cat(out).cpu()
-
-
-def kl_of_sentences(model, tokenizer, images: torch.Tensor, predicted_masks: torch.Tensor,
-                    sentences: list[list[str]], batch_size: int = 256) -> list[list[float]]:
-    """The readout's score of each given sentence of each image (lists of any length)."""
-    model.eval()
-    with torch.inference_mode():
-        scorer = _Scorer(model, tokenizer, images, predicted_masks, batch_size)
-        kl = scorer([(i, text) for i, texts in enumerate(sentences) for text in texts]).tolist()
-    out, start = [], 0
-    for texts in sentences:
-        out.append(kl[start:start + len(texts)])
-        start += len(texts)
-    return out
 
 
 def _coordinate_search(scorer: _Scorer, count: int, keyword: str, dictionary: dict, start: dict,
@@ -142,7 +122,7 @@ def readout(model, tokenizer, images: torch.Tensor, predicted_masks: torch.Tenso
     """The concept the model sees in each image, by coordinate search over the concept dictionary.
 
     `images`: (B,3,H,W) normalised as for the model (the evaluation transform); `predicted_masks`:
-    (B,H,W), nonzero = predicted region (e.g. `predicted_foreground`); `batch_size`: images
+    (B,H,W), nonzero = predicted region (the model's own prediction for the images); `batch_size`: images
     searched together (a text-encoder call then holds up to 11 x batch_size sentences, 11 colours).
     `dictionary` / `start`: a sub-dictionary (attribute -> words) and the start words (default:
     one region, then each vocabulary's first word); `max_sweeps`: at most that many visits of
@@ -173,37 +153,32 @@ def readout(model, tokenizer, images: torch.Tensor, predicted_masks: torch.Tenso
     return results
 
 
-def agreement(readouts: list[dict], true_masks, images) -> dict:
-    """Per attribute, how often the readout names what the geometry describer says of the TRUE
-    mask, beside chance (1 / number of words) and the majority rate (how often the describer's
-    most frequent word occurs: what a readout that always says that word gets).
+def true_attributes(mask: np.ndarray, image: np.ndarray) -> dict | None:
+    """What the geometry describer says of a TRUE mask (HxW, nonzero = region) in its HxWx3 uint8
+    RGB image (the describer's colour is the mean inside the mask), in the dictionary's words:
+    its number 3 stands for 3 or more regions. None for a mask without a region."""
+    try:
+        truth = measure(np.asarray(mask), np.asarray(image))
+    except CoTexNetError:
+        return None
+    return {key: min(truth.number, NUMBERS[-1]) if key == "number" else getattr(truth, key) for key in KEYS}
 
-    `true_masks`: HxW arrays (nonzero = region); `images`: HxWx3 uint8 RGB of the same size
-    (the describer's colour is the mean inside the mask). The dictionary's number 3 stands for
-    3 or more regions. Images whose true mask has no region are left out (`no_region`); an
-    empty prediction agrees with nothing.
-    """
-    truths = {key: [] for key in KEYS}
-    agree = dict.fromkeys(KEYS, 0)
-    no_region = 0
-    for found, mask, image in zip(readouts, true_masks, images, strict=True):
-        try:
-            truth = measure(np.asarray(mask), np.asarray(image))
-        except CoTexNetError:
-            no_region += 1
-            continue
-        for key in KEYS:
-            expected = min(truth.number, NUMBERS[-1]) if key == "number" else getattr(truth, key)
-            truths[key].append(expected)
-            agree[key] += found[key] == expected
-    counted = len(truths["number"])
+
+def agreement(readouts: list[dict], truths: list[dict | None]) -> dict:
+    """Per attribute, how often the readout names what the describer says of the TRUE mask
+    (`true_attributes`), beside chance (1 / number of words) and the majority rate (how often the
+    describer's most frequent word occurs: what a readout that always says that word gets).
+    Images whose true mask has no region are left out (`no_region`); an empty prediction agrees
+    with nothing."""
+    pairs = [(found, truth) for found, truth in zip(readouts, truths, strict=True) if truth is not None]
 
     def rate(hits: int) -> float:
-        return hits / counted if counted else math.nan
+        return hits / len(pairs) if pairs else math.nan
 
-    return dict(images=counted, no_region=no_region,
-                **{key: dict(agreement=rate(agree[key]), chance=1 / len(DICTIONARY[key]),
-                             majority=rate(max(map(truths[key].count, truths[key]), default=0)))
+    said = {key: [truth[key] for _, truth in pairs] for key in KEYS}
+    return dict(images=len(pairs), no_region=len(truths) - len(pairs),
+                **{key: dict(agreement=rate(sum(found[key] == truth[key] for found, truth in pairs)),
+                             chance=1 / len(DICTIONARY[key]), majority=rate(max(map(said[key].count, said[key]), default=0)))
                    for key in KEYS})
 
 
