@@ -22,8 +22,6 @@ no longer in train go; a killed run finishes where it stopped; two runs take tur
 removes every copy: the dataset's rows of train_augmented.csv, then <dataset-path>/augmented/.
 """
 
-import sys, pathlib; sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])  # noqa: E401,E702,I001
-
 import argparse
 import os
 from pathlib import Path

@@ -16,8 +16,6 @@ before anything is written; images without a mask are listed and left out; an em
 gives an all-black ROI, kept and counted.
 """
 
-import sys, pathlib; sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])  # noqa: E401,E702,I001
-
 import argparse
 import os
 from pathlib import Path

@@ -23,10 +23,9 @@ copies of the new train images.
 (split = train, val or test), such as a published split.
 """
 
-import sys, pathlib; sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])  # noqa: E401,E702,I001
-
 import argparse
 import math
+import sys
 from pathlib import Path
 
 import numpy as np

@@ -19,8 +19,6 @@ Blobs never touch, and every centroid keeps 0.04 away from the lines 0.4 and 0.6
 "left / center / right" and "top / center / bottom" are unambiguous.
 """
 
-import sys, pathlib; sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])  # noqa: E401,E702,I001
-
 import argparse
 import shutil
 from pathlib import Path

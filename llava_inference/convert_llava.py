@@ -28,8 +28,6 @@ The output is written to a temporary folder beside `--out` and renamed when comp
 conversion leaves no `--out`, and a rerun starts over.
 """
 
-import sys, pathlib; sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])  # noqa: E401,E702,I001
-
 import argparse
 import json
 import re

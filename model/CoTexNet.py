@@ -303,6 +303,12 @@ class CoTexNet(nn.Module):
         activations, cls = self.encode_images(pixel_values)
         return {"activations": torch.stack(activations, dim=1), "vision_cls": cls}
 
+    def encode_image_and_roi(self, pixel_values: torch.Tensor, roi_pixel_values: torch.Tensor | None):
+        """`encode_images` of the images and their ROIs (when given) in one call: the ROIs' rows follow
+        the images'. `model.paper_like` overrides it with the paper's two calls."""
+        images = pixel_values if roi_pixel_values is None else torch.cat([pixel_values, roi_pixel_values])
+        return self.encode_images(images)
+
     # --- text ---------------------------------------------------------------------------
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       roi_embedding: torch.Tensor | None = None) -> torch.Tensor:
@@ -337,8 +343,7 @@ class CoTexNet(nn.Module):
                 raise CoTexNetError("roi_pixel_values given without input_ids: the ROI token needs a prompt")
             return self.forward_features(self.extract_features(pixel_values))
         batch = pixel_values.shape[0]
-        images = pixel_values if roi_pixel_values is None else torch.cat([pixel_values, roi_pixel_values])
-        activations, cls = self.encode_images(images)
+        activations, cls = self.encode_image_and_roi(pixel_values, roi_pixel_values)
         roi_embedding = None if roi_pixel_values is None else self.roi_mapper(cls[batch:])
         text_embedding = torch.sigmoid(self.text_features(input_ids, attention_mask, roi_embedding))
         img_embedding = self.img2text(cls[:batch])

@@ -2,7 +2,6 @@
 tokenizer, real Kvasir."""
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,19 +11,21 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import cotexnet_netguard  # tests/netguard, on pytest's pythonpath
+
 from data_process.make_synthetic import make_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 GUARD_DIR = Path(__file__).resolve().parent / "netguard"
-sys.path.insert(0, str(GUARD_DIR))
-import cotexnet_netguard  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
 def no_network():
-    """Any connection beyond loopback / AF_UNIX raises, here and in Python subprocesses."""
+    """Any connection beyond loopback / AF_UNIX raises, here and in Python subprocesses. The
+    subprocesses, like pytest (pyproject.toml's pythonpath), import this checkout's packages first,
+    whichever checkout the venv installed."""
     cotexnet_netguard.install()
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(GUARD_DIR), os.environ.get("PYTHONPATH")]))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(GUARD_DIR), str(REPO), os.environ.get("PYTHONPATH")]))
     yield
 
 

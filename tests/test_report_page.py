@@ -5,7 +5,6 @@ and gallery pictures), read as HTML and opened in a real headless Chromium."""
 import json
 import re
 import shutil
-import sys
 
 import cv2
 import numpy as np
@@ -17,15 +16,12 @@ from common.errors import CoTexNetError, run_cli
 from data_process.decoding import read_image, read_mask
 from data_process.registry import get_spec
 from tests.browser_fixtures import browser, card_names, open_page  # noqa: F401
-from tests.train_fixtures import REPO
+from tools import report as report_tool
 from train_utils import reporting
 from train_utils.config import load_config
 from train_utils.pictures import picture_path, write_picture
 from train_utils.report_page import SHIPPED_CONFIG, write_report
 from train_utils.statistics import mean_ci
-
-sys.path.insert(0, str(REPO / "tools"))
-import report as report_tool  # noqa: E402
 
 ODD_NAME = "a&b <c> d.jpg"  # escaped in the HTML, quoted in the picture's URL
 

@@ -7,7 +7,6 @@ Holm's adjustment is restated from its definition."""
 
 import json
 import re
-import sys
 
 import numpy as np
 import pandas as pd
@@ -17,10 +16,8 @@ from scipy import stats
 
 from common.errors import CoTexNetError
 from tests.train_fixtures import REPO, run_script, train_setup  # noqa: F401
+from tools.results_table import main
 from train_utils.statistics import Bootstrap, compare_paired, holm, mean_ci
-
-sys.path.insert(0, str(REPO / "tools"))
-from results_table import main  # noqa: E402
 
 
 def scipy_ci(values, resamples=10_000, seed=0):

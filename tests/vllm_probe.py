@@ -14,9 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from llava_inference.vllm_describer import VllmDescriber  # noqa: E402
+from llava_inference.vllm_describer import VllmDescriber
 
 KEYWORD = "polyp area"
 

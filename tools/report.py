@@ -9,8 +9,6 @@ evaluation, or for a run trained before the pages existed). The page opens from 
 browser: no server, no network.
 """
 
-import sys, pathlib; sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])  # noqa: E401,E702,I001
-
 import argparse
 
 from common.errors import run_cli

@@ -25,8 +25,6 @@ Printed as Markdown and written to --out (Markdown), with the CSV of every run b
 (numbers in separate columns) and the CSV of the pooled rows (<out>_seeds.csv).
 """
 
-import sys, pathlib; sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])  # noqa: E401,E702,I001
-
 import argparse
 from pathlib import Path
 
