@@ -56,6 +56,19 @@ def test_bad_override_names_the_key(override, words):
         assert word in str(err.value)
 
 
+def test_the_papers_yaml_keys_load_and_mean_what_they_say(tmp_path):
+    # The paper's train_config.yaml carries MODEL.model_name, TRAIN.start_epoch and DATASET.num_classes.
+    path = tmp_path / "paper.yaml"
+    path.write_text("MODEL:\n  model_name: CoTexNet\nDATASET:\n  dataset_name: kvasir\n  num_classes: 2\n"
+                    "TRAIN:\n  start_epoch: 0\n  epochs: 500\n")
+    cfg = load_config(path)
+    assert (cfg.num_classes(), cfg.TRAIN.epochs) == (2, 500)
+    assert load_config(None, ["DATASET.dataset_name=camus"]).num_classes() == 4  # null: the registry's
+    path.write_text("MODEL:\n  model_name: UNet\n")
+    with pytest.raises(CoTexNetError, match="MODEL.model_name"):
+        load_config(path)
+
+
 def test_typo_in_yaml_file_names_file_and_key(tmp_path):
     path = tmp_path / "my.yaml"
     path.write_text("TRAIN:\n  batch_szie: 8\n")
