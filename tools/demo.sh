@@ -29,7 +29,7 @@ $PY -m model.tiny --out "$OUT/tiny-clipseg"
 echo "== 7/11 train CoTexNet (stage 3), reload the best checkpoint, test"
 $PY train.py --config dataset_config/demo_config.yaml
 echo "== 8/11 the best checkpoint on the test split, at each image's original size, and the concept it sees"
-$PY evaluate.py --run "$OUT/runs/demo" --split test --describe
+$PY evaluate.py --run "$OUT/runs/demo" --split test --readout
 echo "== 9/11 a second dataset of another layout (PNG masks, not in the registry: keyword \"target area\")"
 $PY data_process/make_synthetic.py --root "$DATA" --name synthetic_png --count 40 --seed 1 --mask-format png
 $PY data_process/make_splits.py --dataset-name synthetic_png --dataset-path "$DATA/synthetic_png" --out-dir "$OUT/splits"
