@@ -52,22 +52,14 @@ def tiny_clipseg_config() -> CLIPSegConfig:
         text_config=_text_config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
         vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=2,
                            image_size=224, patch_size=16),
-        projection_dim=32,
-        reduce_dim=16,
-        extract_layers=[0, 1, 2],
-        decoder_num_attention_heads=2,
-        decoder_intermediate_size=64,
-        use_complex_transposed_convolution=True,
-    )
+        projection_dim=32, reduce_dim=16, extract_layers=[0, 1, 2], decoder_num_attention_heads=2,
+        decoder_intermediate_size=64, use_complex_transposed_convolution=True)
 
 
 def real_size_clipseg_config() -> CLIPSegConfig:
     """The architecture of CIDAS/clipseg-rd64-refined: ViT-B/16, reduce dim 64, complex head."""
-    return CLIPSegConfig(
-        text_config=_text_config(),
-        vision_config={"patch_size": 16},
-        use_complex_transposed_convolution=True,
-    )
+    return CLIPSegConfig(text_config=_text_config(), vision_config={"patch_size": 16},
+                         use_complex_transposed_convolution=True)
 
 
 def build_clipseg(config: CLIPSegConfig, seed: int = 0) -> CLIPSegForImageSegmentation:
@@ -233,12 +225,7 @@ def save_tiny_qwen2_vl(out_dir: str | Path, seed: int = 0, width: int = 64) -> P
     """A random tiny Qwen2-VL (native resolution: the ROI resized to at most 56x56 px, 14 px
     patches merged 2x2, so 1..4 tokens per ROI; multimodal rotary positions) with the ChatML
     template and <|im_end|> ending the turn."""
-    from transformers import (
-        Qwen2VLConfig,
-        Qwen2VLForConditionalGeneration,
-        Qwen2VLProcessor,
-        Qwen2VLVideoProcessor,
-    )
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor, Qwen2VLVideoProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     tokenizer = chat_tokenizer(QWEN_SPECIALS, ("system", "user", "assistant", "You are a helpful assistant."),

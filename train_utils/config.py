@@ -145,17 +145,13 @@ def _check_type(key: str, value, hint):
     if value is None and type(None) in allowed:
         return None
     for kind in allowed:
-        # bool is an int subclass in Python: `epochs: true` must not pass as 1.
-        number = None
-        if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
-            number = float(value)
-        if kind is float and isinstance(value, str):
-            # PyYAML reads 1e-3 (no dot) as a string: accept what float() accepts.
+        # bool is an int subclass in Python: `epochs: true` must not pass as 1. PyYAML reads 1e-3
+        # (no dot) as a string: a float field accepts what float() accepts.
+        if kind is float and isinstance(value, int | float | str) and not isinstance(value, bool):
             try:
                 number = float(value)
             except ValueError:
-                pass
-        if number is not None:
+                continue
             if not math.isfinite(number):  # inf or nan would train on, to a checkpoint of NaNs
                 raise CoTexNetError(f"{key}: {value!r} is not a finite number")
             return number
@@ -179,14 +175,11 @@ def _set(config: Config, key: str, value) -> None:
             raise CoTexNetError(f"{key}: {value!r} must be {only!r} ({why}), or the key left out")
         return
     section_name, _, field_name = key.partition(".")
-    sections = {f.name: f for f in dataclasses.fields(Config)}
-    if section_name not in sections or not field_name:
-        raise CoTexNetError(f"unknown config key {key!r}{_suggest(key, _all_keys())}")
-    section = getattr(config, section_name)
-    hints = typing.get_type_hints(type(section))
+    sections = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+    hints = typing.get_type_hints(sections[section_name]) if section_name in sections else {}
     if field_name not in hints:
         raise CoTexNetError(f"unknown config key {key!r}{_suggest(key, _all_keys())}")
-    setattr(section, field_name, _check_type(key, value, hints[field_name]))
+    setattr(getattr(config, section_name), field_name, _check_type(key, value, hints[field_name]))
 
 
 def _all_keys() -> list[str]:

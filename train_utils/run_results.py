@@ -61,10 +61,7 @@ def flatten(config: dict, prefix: str = "") -> dict:
     """{"TRAIN": {"lr": 1}} -> {"TRAIN.lr": 1}."""
     flat = {}
     for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
+        flat.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
     return flat
 
 
@@ -122,10 +119,7 @@ def run_evaluations(run: str | Path) -> tuple[list[Evaluation], dict]:
                 row = _row(run, dataset, split, metrics.get("resolution"), metrics[split], epochs,
                            metrics.get("best_epoch"))
                 found.append(Evaluation(row, run / f"{split}_per_image.csv", run))
-    for folder in sorted(run.glob("eval_*")):
-        evaluation = eval_folder_evaluation(folder, run, config, epochs)
-        if evaluation is not None:
-            found.append(evaluation)
+    found += filter(None, (eval_folder_evaluation(folder, run, config, epochs) for folder in sorted(run.glob("eval_*"))))
     return found, config
 
 
