@@ -22,6 +22,7 @@ old CSV, and its rerun goes on with the new rows only): the record says so (`REP
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import sys
@@ -48,10 +49,6 @@ def empty_row(roi_name: str, keyword: str) -> dict:
     """The row of an ROI whose mask is empty (a category absent from an image): nothing to describe, codes -1."""
     return {"roi_name": roi_name, "text": json.dumps({"number": 0}), "text_prompt": empty_sentence(keyword),
             "number": 0, **{k: -1 for k in KEYS[1:]}, "source": "geometry", "tries": 0}
-
-
-def _partial_path(out: Path, shard: str) -> Path:
-    return out.with_name(f"{out.stem}.partial{shard}.csv")
 
 
 def _partials(out: Path) -> list[Path]:
@@ -157,7 +154,7 @@ class ResultWriter:
 
     def __init__(self, out: str | Path, shard: str = ""):
         self.out = Path(out)
-        self.partial = _partial_path(self.out, shard)
+        self.partial = self.out.with_name(f"{self.out.stem}.partial{shard}.csv")
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -192,16 +189,12 @@ class ResultWriter:
         self.rows[row["roi_name"]] = {k: str(v) for k, v in row.items()}
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):  # every row is flushed in add(): only a write it reported can fail
             self._file.close()
-        except OSError:
-            pass  # every row is flushed in add(): only the write that add() already reported can fail here
 
     def finalize(self, order: list[str]) -> pd.DataFrame:
-        """Write the final CSV (rows in `order`, each once) atomically; remove the partial files.
-
-        Reads the partial files again, so rows written by other processes (shards) are merged.
-        """
+        """Write the final CSV (rows in `order`, each once) atomically, with the rows other processes
+        (shards) wrote to their partial files; remove the partial files."""
         self.close()
         self.rows.update(self._finished_rows())
         missing = [name for name in order if name not in self.rows]
