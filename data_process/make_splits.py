@@ -122,10 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     refuse_earlier_copies(args.dataset_path)
     pairing = pair_files(args.dataset_path, spec, args.img_format, args.mask_format)
     pairing.check(args.dataset_path, spec)
-    if args.from_list:
-        chosen = pairs_from_list(pairing.pairs, args.from_list)
-    else:
-        chosen = split_pairs(pairing.pairs, args.ratios, args.seed)
+    chosen = (pairs_from_list(pairing.pairs, args.from_list) if args.from_list
+              else split_pairs(pairing.pairs, args.ratios, args.seed))
     with splits.writing(args.out_dir):
         now = splits.read(args.out_dir)
         name = args.dataset_name

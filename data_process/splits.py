@@ -172,9 +172,8 @@ class SplitSet:
                                              for o in found["origin"]])
             rows[kind] = found
         found = DatasetSplits(name, {kind: self.path(kind) for kind in KINDS}, self.tables, rows)
-        if allow_overlap:
-            return found
-        found.check_partition(switch)
+        if not allow_overlap:
+            found.check_partition(switch)
         return found
 
 
