@@ -182,11 +182,7 @@ def parse_word(key: str, value) -> str:
         raise AnswerError(f"{key} {value!r} is not a word")
     vocabulary = VOCABULARIES[key]
     text = normalise(value)
-    for candidate in (text, SYNONYMS.get(text)):
-        if candidate in vocabulary:
-            return candidate
-    # "light pink", "pinkish-red", "irregular shape": the last word that names an entry wins.
-    for word in reversed(re.split(r"[\s\-/,]+", text)):
+    for word in (text, *reversed(re.split(r"[\s\-/,]+", text))):
         word = SYNONYMS.get(word, word)
         if word in vocabulary:
             return word

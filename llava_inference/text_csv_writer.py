@@ -13,9 +13,8 @@ While a run goes, each result is appended to `<out stem>.partial[-<shard>].csv` 
 a killed run loses at most the line being written; a rerun reads the partial files and skips
 those ROIs. The final CSV is written atomically, and only then are the partial files removed.
 `<out stem>.settings.json` beside it records the options the rows were made with (describer,
-keywords; with a model also its folder or id, its quantisation, the backend that ran it and the
-decoding: constrained or not, temperature, answer length, seed): a rerun with other options is refused instead of mixing
-rows of two settings.
+keywords, and a model's settings: `text_stage.recorded_settings`): a rerun with other options is
+refused instead of mixing rows of two settings.
 `--overwrite` keeps the earlier CSV until the new one replaces it (a stopped overwrite leaves the
 old CSV, and its rerun goes on with the new rows only): the record says so (`REPLACING`).
 """
