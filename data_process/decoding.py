@@ -160,8 +160,7 @@ def read_mask(path, spec: DatasetSpec, size: tuple[int, int] | None = None,
         return label
     if spec.mask_encoding == "labelmap":
         image = _mask_image(path)
-        array = np.array(image.convert(_PLAIN_MODES.get(image.mode, image.mode)) if image.mode in _PLAIN_MODES
-                         else image)
+        array = np.array(image.convert(_PLAIN_MODES[image.mode]) if image.mode in _PLAIN_MODES else image)
         label = _check_labels(array if array.ndim == 2 else array[:, :, 0], spec, path)
     else:
         label = _binary(path, spec, binarize)
