@@ -214,10 +214,8 @@ def make_copies(job) -> int:
     image_path, mask_path, spec, outputs = job
     image = read_image(image_path)
     size = (image.shape[1], image.shape[0])
-    if spec.mask_encoding == "labelmap":  # one file of labels 0..K (per_category layouts are binary)
-        masks = [read_mask(mask_path, spec, size)]
-    else:
-        masks = [inside.astype(np.uint8) * 255 for inside in category_masks(mask_path, spec, size)]
+    masks = ([read_mask(mask_path, spec, size)] if spec.mask_encoding == "labelmap"  # one file of labels 0..K
+             else [inside.astype(np.uint8) * 255 for inside in category_masks(mask_path, spec, size)])
     empty = 0
     for op, files in outputs:
         copied = [op.apply(mask, nearest=True) for mask in masks]

@@ -147,13 +147,11 @@ def read_image(path) -> np.ndarray:
 def read_mask(path, spec: DatasetSpec, size: tuple[int, int] | None = None,
               binarize: str = "registry") -> np.ndarray:
     """HxW uint8 label map (0 background, 1..K); binary masks give {0, 1}; `size` = (w, h).
-
     `binarize` (binary masks): "registry", foreground = the brightest colour channel >=
     `spec.mask_threshold`, palette masks by index; "paper", the paper's reading: 8-bit grey
     (Pillow's convert("L"), so pure red is 76), then the same threshold.
     per_category layout: `path` = `<masks>/<name>` stands for the category files
-    `<masks>/<k or keyword>/<name>`; where categories overlap the later category wins.
-    """
+    `<masks>/<k or keyword>/<name>`; where categories overlap the later category wins."""
     if spec.mask_layout == "per_category":
         masks = category_masks(path, spec, size, binarize)
         label = np.zeros(masks[0].shape, np.uint8)
@@ -162,8 +160,7 @@ def read_mask(path, spec: DatasetSpec, size: tuple[int, int] | None = None,
         return label
     if spec.mask_encoding == "labelmap":
         image = _mask_image(path)
-        array = np.array(image.convert(_PLAIN_MODES.get(image.mode, image.mode)) if image.mode in _PLAIN_MODES
-                         else image)
+        array = np.array(image.convert(_PLAIN_MODES[image.mode]) if image.mode in _PLAIN_MODES else image)
         label = _check_labels(array if array.ndim == 2 else array[:, :, 0], spec, path)
     else:
         label = _binary(path, spec, binarize)
@@ -195,10 +192,7 @@ def category_masks(path, spec: DatasetSpec, size: tuple[int, int] | None = None,
 def _binary(path, spec: DatasetSpec, binarize: str) -> np.ndarray:
     """{0, 1} foreground of a binary mask file as a viewer shows it, by the dataset's threshold,
     never by the file's own values: a nearly empty 0/255 JPEG mask stays empty whatever its noise.
-
-    "registry": the brightest colour channel of what is shown, palette masks through their
-    palette; where some pixels are transparent, `_with_alpha` decides. "paper": Pillow's
-    convert("L"), as the paper's code reads every mask."""
+    `binarize` as in `read_mask`; where some pixels are transparent, `_with_alpha` decides."""
     image, threshold = _mask_image(path), spec.mask_threshold
     value, alpha = _shown(image)
     _say_if_not_a_mask(path, value, spec)

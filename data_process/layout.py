@@ -160,6 +160,5 @@ def parse_roi_name(name: str, per_category: bool) -> tuple[str, str | None]:
     only in a multi-class dataset (`per_category`): a binary image may be named "case__01.jpg"."""
     image_stem = stem(name) if name.lower().endswith(ROI_EXT) else name
     if per_category and CATEGORY_SEP in PurePosixPath(image_stem).name:
-        image_stem, category = image_stem.rsplit(CATEGORY_SEP, 1)
-        return image_stem, category
+        return tuple(image_stem.rsplit(CATEGORY_SEP, 1))
     return image_stem, None

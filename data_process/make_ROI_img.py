@@ -60,9 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     spec = get_spec(args.dataset_name)
-    dataset = args.dataset_path
     pairings = {}  # the dataset, then its augmented copies: every folder checked before any is written
-    for folder in layout.data_folders(dataset):
+    for folder in layout.data_folders(args.dataset_path):
         pairings[folder] = pair_files(folder, spec, args.img_format, args.mask_format)
         pairings[folder].check(folder, spec)
 

@@ -48,8 +48,7 @@ def split_pairs(pairs: list[tuple[str, str]], ratios=(0.8, 0.1, 0.1), seed: int 
         raise CoTexNetError(f"--seed: must be >= 0, got {seed}")
     pairs = sorted(pairs)
     order = np.random.default_rng(seed).permutation(len(pairs))
-    n_train = round(len(pairs) * ratios[0] / sum(ratios))
-    n_val = round(len(pairs) * ratios[1] / sum(ratios))
+    n_train, n_val = (round(len(pairs) * ratio / sum(ratios)) for ratio in ratios[:2])
     cuts = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
     splits = {split: [pairs[i] for i in sorted(index)] for split, index in cuts.items()}
     empty = [split for split, ratio in zip(SPLITS, ratios, strict=True) if ratio > 0 and not splits[split]]
@@ -122,10 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     refuse_earlier_copies(args.dataset_path)
     pairing = pair_files(args.dataset_path, spec, args.img_format, args.mask_format)
     pairing.check(args.dataset_path, spec)
-    if args.from_list:
-        chosen = pairs_from_list(pairing.pairs, args.from_list)
-    else:
-        chosen = split_pairs(pairing.pairs, args.ratios, args.seed)
+    chosen = (pairs_from_list(pairing.pairs, args.from_list) if args.from_list
+              else split_pairs(pairing.pairs, args.ratios, args.seed))
     with splits.writing(args.out_dir):
         now = splits.read(args.out_dir)
         name = args.dataset_name

@@ -101,9 +101,8 @@ def _list_images(folder: Path, ext: str) -> list[str]:
 
 def pair_files(dataset_dir, spec: DatasetSpec, image_ext: str | None = None,
                mask_ext: str | None = None) -> Pairing:
-    """Match `<dataset_dir>/masks/*` to `<dataset_dir>/images/*` by stem (extensions: case ignored).
-
-    per_category layout: a mask name pairs when every category folder holds it."""
+    """Match `<dataset_dir>/masks/*` to `<dataset_dir>/images/*` by stem (extensions: case ignored;
+    per_category layout: see the module's doc)."""
     dataset_dir, masks_dir = Path(dataset_dir), Path(dataset_dir) / "masks"
     image_ext, mask_ext = layout.normalise_ext(image_ext), layout.normalise_ext(mask_ext)
     images = _list_images(dataset_dir / "images", spec.image_ext if image_ext is None else image_ext)

@@ -55,11 +55,8 @@ def known_datasets() -> list[str]:
 
 
 def get_spec(name: str, keyword: str | None = None) -> DatasetSpec:
-    """The spec of dataset `name` (case ignored); an unknown name gets the defaults.
-
-    `keyword` replaces the registry's keyword; for a multi-class dataset a comma-separated
-    list replaces the category keywords ("lv area, myo area, la area").
-    """
+    """The spec of dataset `name` (case ignored; an unknown name gets the defaults). `keyword` replaces
+    the registry's keyword; of a multi-class dataset, a comma-separated list the category keywords."""
     registry = _registry()
     entries = {key.lower(): value for key, value in registry["datasets"].items()}
     fields = {**registry["defaults"], **(entries.get(name.lower()) or {})}

@@ -4,9 +4,8 @@
   turns and replace them as one (`writing`, `write`); a command that reads them reads all of
   them at once, under the same lock (`read`): each sees the old set or the new one.
 - `SplitSet.of(dataset, dataset_dir)` gives one dataset's rows: its registry aliases read as its
-  name, names read as paths under its images/ and masks/ ("./a.jpg", an absolute path inside the
-  folder -> "a.jpg"; a name outside it is refused), and checked to be a partition: no image, and
-  no copy of one (by its origin), in two splits.
+  name, names read as paths under its images/ and masks/ (`within`), and checked to be a
+  partition: no image, and no copy of one (by its origin), in two splits.
 """
 
 from __future__ import annotations
@@ -90,9 +89,8 @@ class DatasetSplits:
         if table is None:
             raise CoTexNetError(f"{self.paths[kind]}: no such file ({MISSING})")
         if self.rows[kind].empty:
-            held = sorted(set(table["dataset"]))
             raise CoTexNetError(f"{self.paths[kind]}: no rows for dataset {self.name!r}; it holds "
-                                f"{held or 'no rows at all'}")
+                                f"{sorted(set(table['dataset'])) or 'no rows at all'}")
         return self.rows[kind]
 
     def union(self, split_dir) -> pd.DataFrame:
@@ -172,9 +170,8 @@ class SplitSet:
                                              for o in found["origin"]])
             rows[kind] = found
         found = DatasetSplits(name, {kind: self.path(kind) for kind in KINDS}, self.tables, rows)
-        if allow_overlap:
-            return found
-        found.check_partition(switch)
+        if not allow_overlap:
+            found.check_partition(switch)
         return found
 
 

@@ -74,13 +74,9 @@ class Attributes:
 
 def _position(horizontal: str | None, vertical: str | None) -> str:
     """The paper's position word for a (horizontal, vertical) pair; None means middle."""
-    if vertical and horizontal:
-        return f"{vertical} {horizontal}"
-    if horizontal:
-        return horizontal
     if vertical:
-        return f"{vertical} center"
-    return "center"
+        return f"{vertical} {horizontal or 'center'}"
+    return horizontal or "center"
 
 
 def location_words(cx: float, cy: float) -> str:
@@ -106,16 +102,12 @@ def normalise(value: str) -> str:
     return " ".join(text.split()).strip(" .,;:!\"'`")
 
 
-def _strip_to_object(text: str) -> str:
-    """The outermost {...} of an answer (drops code fences and chatter around the JSON)."""
+def _load_object(text: str) -> dict:
+    """The outermost {...} of an answer (drops code fences and chatter around the JSON), parsed."""
     start, end = text.find("{"), text.rfind("}")
     if start < 0 or end < start:
         raise AnswerError("no JSON object in the answer")
-    return text[start:end + 1]
-
-
-def _load_object(text: str) -> dict:
-    body = _strip_to_object(text)
+    body = text[start:end + 1]
     try:
         obj = json.loads(body)
     except (ValueError, RecursionError):
@@ -137,8 +129,7 @@ def _number(value, max_number: int | None) -> int:
         if word in NUMBER_WORDS:
             value = NUMBER_WORDS[word]
         else:
-            match = re.fullmatch(r"[+-]?\d+(\.\d+)?", word)
-            if not match:
+            if not re.fullmatch(r"[+-]?\d+(\.\d+)?", word):
                 raise AnswerError(f"number {value!r} is not a number")
             value = float(word)
     if not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
@@ -191,11 +182,7 @@ def parse_word(key: str, value) -> str:
         raise AnswerError(f"{key} {value!r} is not a word")
     vocabulary = VOCABULARIES[key]
     text = normalise(value)
-    for candidate in (text, SYNONYMS.get(text)):
-        if candidate in vocabulary:
-            return candidate
-    # "light pink", "pinkish-red", "irregular shape": the last word that names an entry wins.
-    for word in reversed(re.split(r"[\s\-/,]+", text)):
+    for word in (text, *reversed(re.split(r"[\s\-/,]+", text))):
         word = SYNONYMS.get(word, word)
         if word in vocabulary:
             return word
@@ -208,13 +195,8 @@ def validate(obj: dict, max_number: int | None = None) -> Attributes:
     missing = [k for k in KEYS if k not in fields]
     if missing:
         raise AnswerError(f"answer lacks {', '.join(missing)}")
-    return Attributes(
-        number=_number(fields["number"], max_number),
-        location=parse_location(fields["location"]),
-        shape=parse_word("shape", fields["shape"]),
-        size=parse_word("size", fields["size"]),
-        color=parse_word("color", fields["color"]),
-    )
+    number, location = _number(fields["number"], max_number), parse_location(fields["location"])
+    return Attributes(number, location, *(parse_word(key, fields[key]) for key in ("shape", "size", "color")))
 
 
 def parse_answer(text, max_number: int | None = None) -> Attributes:
@@ -227,11 +209,8 @@ def parse_answer(text, max_number: int | None = None) -> Attributes:
 
 
 def json_schema(max_number: int = MAX_NUMBER) -> dict:
-    """The schema for grammar-constrained decoding: a bounded integer and four enums.
-
-    Enums (not free strings) because an unconstrained string never has to close, and weak
-    models then run to the token limit.
-    """
+    """The schema for grammar-constrained decoding: a bounded integer and four enums (a free string
+    never has to close, and weak models then run to the token limit)."""
     properties = {"number": {"type": "integer", "minimum": 1, "maximum": max_number}}
     properties.update({k: {"type": "string", "enum": list(v)} for k, v in VOCABULARIES.items()})
     return {"type": "object", "properties": properties, "required": list(KEYS), "additionalProperties": False}

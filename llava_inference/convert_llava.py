@@ -81,13 +81,8 @@ def rename(key: str, rules=RULES) -> str | None:
 
 
 def _unmapped(keys, rules) -> list[str]:
-    missing = []
-    for key in keys:
-        try:
-            rename(key, rules)
-        except KeyError:
-            missing.append(key)
-    return missing
+    """The keys no rule matches (`rename` raises KeyError for them)."""
+    return [key for key in keys if not any(re.fullmatch(pattern, key) for pattern, _ in rules)]
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -198,8 +193,7 @@ def convert(src: Path, vision_tower: Path, out: Path) -> Path:
         raise CoTexNetError(f"{vision_tower}: no config.json; --vision-tower is a local copy of {original['mm_vision_tower']}")
     sources = _weight_files(src)
     keys = _keys(sources)
-    unmapped = _unmapped(keys, RULES)
-    if unmapped:
+    if unmapped := _unmapped(keys, RULES):
         raise CoTexNetError(f"{src}: {len(unmapped)} weights with no conversion rule: {', '.join(unmapped[:8])}"
                             f"{' ...' if len(unmapped) > 8 else ''}")
     own_tower = any((rename(k, RULES) or "").startswith(TOWER) for k in keys)
@@ -237,8 +231,7 @@ def _write(src: Path, original: dict, sources: list[Path], vision_tower: Path, o
 
     vision_files = [] if own_tower else _weight_files(vision_tower)
     if vision_files:
-        unmapped = _unmapped(_keys(vision_files), CLIP_RULES)
-        if unmapped:
+        if unmapped := _unmapped(_keys(vision_files), CLIP_RULES):
             raise CoTexNetError(f"{vision_tower}: not a CLIP folder; no rule for {', '.join(unmapped[:8])}")
     else:
         print(f"vision tower: the one in {src} (fine-tuned with LLaVA); {vision_tower} gives its config only")
@@ -282,11 +275,9 @@ def _save(folder: Path, name: str, tensors: dict, weight_map: dict) -> int:
 
 def verify(folder: Path) -> None:
     """Refuse a folder whose stored weights differ in names or shapes from the model its config builds.
-
     The model is built without memory (meta device) and compared with the shards' headers, so a
     13B output is checked without loading it; `from_pretrained` would otherwise only warn and
-    initialise what is missing at random.
-    """
+    initialise what is missing at random."""
     from transformers import LlavaConfig
 
     expected = {k: tuple(v.shape) for k, v in _meta_model(LlavaConfig.from_pretrained(folder)).state_dict().items()}

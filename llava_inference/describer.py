@@ -28,10 +28,8 @@ def answer_schema_grammar():
 
 def answer_grammar(tokenizer, vocab_size: int, stop_token_ids: list[int]):
     """The compiled xgrammar grammar of one answer (`answer_schema_grammar`) for this tokenizer.
-
     `vocab_size`: the model's logits width, which may exceed the tokenizer's (llava-hf: 32064
-    rows); `stop_token_ids`: the tokens generation stops on, the only ones allowed after the JSON.
-    """
+    rows); `stop_token_ids`: the tokens generation stops on, the only ones allowed after the JSON."""
     import xgrammar as xgr
 
     info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)

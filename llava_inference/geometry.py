@@ -60,9 +60,8 @@ def shape_word(contour: np.ndarray) -> str:
     area = cv2.contourArea(contour)
     hull_area = cv2.contourArea(cv2.convexHull(contour))
     perimeter = cv2.arcLength(contour, True)
-    if area <= 0 or hull_area <= 0 or perimeter <= 0:
-        return "irregular"
-    if area / hull_area < SOLIDITY_MIN or 4 * np.pi * area / perimeter**2 < CIRCULARITY_MIN:
+    if (min(area, hull_area, perimeter) <= 0 or area / hull_area < SOLIDITY_MIN
+            or 4 * np.pi * area / perimeter**2 < CIRCULARITY_MIN):
         return "irregular"
     m = cv2.moments(contour)
     cov = np.array([[m["mu20"], m["mu11"]], [m["mu11"], m["mu02"]]]) / m["m00"]
@@ -89,10 +88,5 @@ def measure(mask: np.ndarray, roi: np.ndarray, name: str = "mask") -> Attributes
         raise CoTexNetError(f"{name}: ROI is {roi.shape[1]}x{roi.shape[0]} but the mask {binary.shape[1]}x{binary.shape[0]}")
     ys, xs = np.nonzero(binary)
     h, w = binary.shape
-    return Attributes(
-        number=len(regions),
-        location=location_words((xs.mean() + 0.5) / w, (ys.mean() + 0.5) / h),
-        shape=shape_word(regions[0]),
-        size=size_word(binary.mean()),
-        color=color_word(roi[binary].mean(axis=0)),
-    )
+    return Attributes(len(regions), location_words((xs.mean() + 0.5) / w, (ys.mean() + 0.5) / h),
+                      shape_word(regions[0]), size_word(binary.mean()), color_word(roi[binary].mean(axis=0)))

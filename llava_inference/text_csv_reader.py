@@ -16,10 +16,8 @@ MISSING_TEXT = ("nan", "none", "null", "n/a")
 
 def load_prompts(csv_path: str | Path, spec) -> dict[str, str]:
     """Image stem -> text prompt, from our text CSV or the paper's (extra index column, JSON text).
-
     Multi-class: the sentences of an image's categories joined by a space, in category order.
-    A row without `text_prompt` gets the sentence rebuilt from the JSON in `text`.
-    """
+    A row without `text_prompt` gets the sentence rebuilt from the JSON in `text`."""
     csv_path = Path(csv_path)
     table = read_csv(csv_path, missing_hint="the text CSV: run get_text.py first")
     table = table.loc[:, [c for c in table.columns if not c.startswith("Unnamed:")]]
@@ -33,12 +31,9 @@ def load_prompts(csv_path: str | Path, spec) -> dict[str, str]:
     for row in table.to_dict("records"):
         stem, category = layout.parse_roi_name(row["roi_name"], bool(spec.categories))
         prompt = row.get("text_prompt", "").strip()
-        if prompt.lower() in MISSING_TEXT:  # what a spreadsheet or pandas writes for an empty cell
-            prompt = ""
-        if not prompt:
-            keyword = category or spec.keyword
+        if not prompt or prompt.lower() in MISSING_TEXT:  # what a spreadsheet or pandas writes for an empty cell
             try:
-                prompt = sentence(parse_answer(row.get("text", "")), keyword)
+                prompt = sentence(parse_answer(row.get("text", "")), category or spec.keyword)
             except AnswerError as err:
                 raise CoTexNetError(f"{csv_path}: row {row['roi_name']}: no text_prompt and {err}") from None
         # One sentence per (image, category): a repeated row replaces the earlier one, loudly if it differs.

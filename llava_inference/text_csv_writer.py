@@ -13,15 +13,15 @@ While a run goes, each result is appended to `<out stem>.partial[-<shard>].csv` 
 a killed run loses at most the line being written; a rerun reads the partial files and skips
 those ROIs. The final CSV is written atomically, and only then are the partial files removed.
 `<out stem>.settings.json` beside it records the options the rows were made with (describer,
-keywords; with a model also its folder or id, its quantisation, the backend that ran it and the
-decoding: constrained or not, temperature, answer length, seed): a rerun with other options is refused instead of mixing
-rows of two settings.
+keywords, and a model's settings: `text_stage.recorded_settings`): a rerun with other options is
+refused instead of mixing rows of two settings.
 `--overwrite` keeps the earlier CSV until the new one replaces it (a stopped overwrite leaves the
 old CSV, and its rerun goes on with the new rows only): the record says so (`REPLACING`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import sys
@@ -48,10 +48,6 @@ def empty_row(roi_name: str, keyword: str) -> dict:
     """The row of an ROI whose mask is empty (a category absent from an image): nothing to describe, codes -1."""
     return {"roi_name": roi_name, "text": json.dumps({"number": 0}), "text_prompt": empty_sentence(keyword),
             "number": 0, **{k: -1 for k in KEYS[1:]}, "source": "geometry", "tries": 0}
-
-
-def _partial_path(out: Path, shard: str) -> Path:
-    return out.with_name(f"{out.stem}.partial{shard}.csv")
 
 
 def _partials(out: Path) -> list[Path]:
@@ -157,7 +153,7 @@ class ResultWriter:
 
     def __init__(self, out: str | Path, shard: str = ""):
         self.out = Path(out)
-        self.partial = _partial_path(self.out, shard)
+        self.partial = self.out.with_name(f"{self.out.stem}.partial{shard}.csv")
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -192,16 +188,12 @@ class ResultWriter:
         self.rows[row["roi_name"]] = {k: str(v) for k, v in row.items()}
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):  # every row is flushed in add(): only a write it reported can fail
             self._file.close()
-        except OSError:
-            pass  # every row is flushed in add(): only the write that add() already reported can fail here
 
     def finalize(self, order: list[str]) -> pd.DataFrame:
-        """Write the final CSV (rows in `order`, each once) atomically; remove the partial files.
-
-        Reads the partial files again, so rows written by other processes (shards) are merged.
-        """
+        """Write the final CSV (rows in `order`, each once) atomically, with the rows other processes
+        (shards) wrote to their partial files; remove the partial files."""
         self.close()
         self.rows.update(self._finished_rows())
         missing = [name for name in order if name not in self.rows]

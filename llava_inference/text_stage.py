@@ -108,12 +108,9 @@ def list_rois(dataset_dir: Path, spec, keywords, img_format: str | None = None,
             stem, category = layout.parse_roi_name(name, bool(spec.categories))
             if stem not in masks:
                 raise CoTexNetError(f"{path}: ROI without a mask (no mask of image {stem} in {folder / 'masks'})")
-            if spec.categories:
-                if category not in spec.categories:
-                    raise CoTexNetError(f"{path}: category {category!r} is not one of {', '.join(spec.categories)}")
-                label = spec.categories.index(category) + 1
-            else:
-                label = 1
+            if spec.categories and category not in spec.categories:
+                raise CoTexNetError(f"{path}: category {category!r} is not one of {', '.join(spec.categories)}")
+            label = spec.categories.index(category) + 1 if spec.categories else 1
             items.append(RoiItem(name, path, masks[stem], label, keywords[label - 1]))
     if not items:
         raise CoTexNetError(f"{roi_dir}: no ROI images (*{layout.ROI_EXT})")
@@ -123,9 +120,7 @@ def list_rois(dataset_dir: Path, spec, keywords, img_format: str | None = None,
 def _measure(item: RoiItem, spec) -> tuple[np.ndarray, Attributes | None]:
     """The ROI image and what its mask shows; None where the mask is empty (nothing to describe)."""
     roi, mask = item.load(spec)
-    if geometry.count_regions(mask) == 0:
-        return roi, None
-    return roi, geometry.measure(mask, roi, str(item.mask_path))
+    return roi, geometry.measure(mask, roi, str(item.mask_path)) if geometry.count_regions(mask) else None
 
 
 def geometry_rows(items: list[RoiItem], spec) -> Iterator[dict]:

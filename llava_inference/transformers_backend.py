@@ -37,14 +37,6 @@ def compute_dtype(name: str, quantize: str) -> torch.dtype:
     return torch.bfloat16 if quantize == "4bit" else torch.float32
 
 
-def _stop_ids(model, tokenizer) -> list[int]:
-    """The tokens that end an answer: the generation config's (chat models end their turn with
-    their own token), else the tokenizer's end of sequence."""
-    eos = model.generation_config.eos_token_id
-    eos = tokenizer.eos_token_id if eos is None else eos
-    return [eos] if isinstance(eos, int) else list(eos)
-
-
 class TransformersDescriber(Describer):
     def __init__(self, source: ModelSource | str, dtype: str = "auto", quantize: str = "none", constrain: bool = True,
                  max_new_tokens: int = 512, temperature: float = 0.2, seed: int = 0, gpus: list[int] | None = None):
@@ -66,14 +58,17 @@ class TransformersDescriber(Describer):
             # process lists only its own GPUs.
             placement = {"device_map": "auto", "max_memory": {g: torch.cuda.mem_get_info(g)[0] for g in gpus}}
         self.dtype = compute_dtype(dtype, quantize)
-        quantization = None
-        if quantize != "none":
-            quantization = quantization_config(quantize, meta_model(self.source.location), self.dtype)
+        quantization = (quantization_config(quantize, meta_model(self.source.location), self.dtype)
+                        if quantize != "none" else None)
         self.model = AutoModelForImageTextToText.from_pretrained(
             self.source.location, dtype=self.dtype, quantization_config=quantization, **placement).eval()
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
-        stop = _stop_ids(self.model, tokenizer)
+        # The tokens that end an answer: the generation config's (chat models end their turn with
+        # their own token), else the tokenizer's end of sequence.
+        eos = self.model.generation_config.eos_token_id
+        eos = tokenizer.eos_token_id if eos is None else eos
+        stop = [eos] if isinstance(eos, int) else list(eos)
         self.generate_kwargs = dict(
             max_new_tokens=max_new_tokens, num_beams=1, do_sample=temperature > 0,
             temperature=temperature if temperature > 0 else None, top_p=None, top_k=None,

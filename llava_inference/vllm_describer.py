@@ -38,8 +38,7 @@ def import_vllm():
     """The vllm package, or one line naming how to install it."""
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")  # nothing is reported anywhere
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the engine's start-up chatter stays out of the summary
-    # One machine: its engine processes meet on loopback, and vLLM need not probe a public address
-    # to learn its own.
+    # One machine: its engine processes meet on loopback; vLLM need not probe a public address for its own.
     os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
     try:
         import vllm
