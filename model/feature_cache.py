@@ -31,8 +31,7 @@ from common.errors import CoTexNetError
 class FeatureCache:
     def __init__(self, model, input_size: int, folder: str | Path | None = None, memory_mb: float = 1024,
                  dtype: torch.dtype | None = None):
-        self.fingerprint = model.base_fingerprint()
-        self.encoder_dtype = model.encoder_dtype
+        self.fingerprint, self.encoder_dtype = model.base_fingerprint(), model.encoder_dtype
         self.input_size = input_size
         self.dtype = dtype or (torch.float16 if self.encoder_dtype == torch.float32 else self.encoder_dtype)
         self.folder = None if folder is None else Path(folder) / self.fingerprint[:16]

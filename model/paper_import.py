@@ -26,20 +26,14 @@ from model.CoTexNet import ROI_POSITION, CoTexNet
 
 # Paper prefix -> ours, most specific first. The 3-class head (`output_convolution`) is mapped
 # separately, onto the last module of our decoder's transposed convolution.
-_PAPER_PREFIXES = (
-    ("clipsegp.clipseg.clip.", "clip."),
-    ("clipsegp.clipseg.decoder.", "decoder."),
-    ("im2text.mapping_module.", "roi_mapper."),
-    ("img_projection.", "img2text."),
-)
+_PAPER_PREFIXES = (("clipsegp.clipseg.clip.", "clip."), ("clipsegp.clipseg.decoder.", "decoder."),
+                   ("im2text.mapping_module.", "roi_mapper."), ("img_projection.", "img2text."))
 _PAPER_SCALARS = {"clipsegp.clipseg.weight_alpha": "alpha", "clipsegp.clipseg.var": "var",
                   "clipsegp.clipseg.mean": "mean"}
 _PAPER_HEAD = "clipsegp.clipseg.decoder.output_convolution."
 # Copies in the paper's model -> the original they must equal (dropped after the check).
-_PAPER_DUPLICATES = (
-    ("im2text.vision_model.", "clipsegp.clipseg.clip.vision_model."),
-    ("clipsegp.clipseg.img_projection.", "img_projection."),
-)
+_PAPER_DUPLICATES = (("im2text.vision_model.", "clipsegp.clipseg.clip.vision_model."),
+                     ("clipsegp.clipseg.img_projection.", "img_projection."))
 
 
 class _StandIn(dict):
@@ -107,12 +101,6 @@ def _map_paper_state(state: dict[str, torch.Tensor], head_prefix: str, pth) -> d
     return mapped
 
 
-def _head_prefix(model: CoTexNet) -> str:
-    conv = model.decoder.transposed_convolution
-    return f"decoder.transposed_convolution.{len(conv) - 1}." if isinstance(conv, torch.nn.Sequential) \
-        else "decoder.transposed_convolution."
-
-
 def import_paper_checkpoint(pth, clipseg, trust_pickle: bool = False, base_from_file: bool = False,
                             roi_position: int = ROI_POSITION, attn_implementation: str | None = "sdpa") -> tuple[CoTexNet, dict]:
     """(model, metadata) from the paper's `.pth`, built on `clipseg` (folder, hub id or instance);
@@ -129,7 +117,9 @@ def import_paper_checkpoint(pth, clipseg, trust_pickle: bool = False, base_from_
     head = state.get(_PAPER_HEAD + "weight")
     num_classes = 2 if head is None else head.shape[1]  # ConvTranspose2d weight: (in, out, k, k)
     model = CoTexNet.from_clipseg(clipseg, num_classes, roi_position, attn_implementation=attn_implementation)
-    mapped = _map_paper_state(state, _head_prefix(model), pth)
+    conv = model.decoder.transposed_convolution  # the head: its last module where it is a Sequential
+    last = f"{len(conv) - 1}." if isinstance(conv, torch.nn.Sequential) else ""
+    mapped = _map_paper_state(state, f"decoder.transposed_convolution.{last}", pth)
 
     file_clip = {k: v for k, v in mapped.items() if k.startswith("clip.")}
     ours = {k: v for k, v in model.state_dict().items() if k.startswith("clip.")}
