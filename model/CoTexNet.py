@@ -131,9 +131,7 @@ class CoTexNet(nn.Module):
         config = clipseg.config
         if not 1 <= roi_position < config.text_config.max_position_embeddings:
             raise CoTexNetError(f"roi_position: {roi_position} is outside the text sequence")
-        self.num_classes = num_classes
-        self.roi_position = roi_position
-        self.clipseg_hf_api = clipseg_hf_api
+        self.num_classes, self.roi_position, self.clipseg_hf_api = num_classes, roi_position, clipseg_hf_api
         self.extract_layers = list(config.extract_layers)
         # The CLIP is shared with the given CLIPSeg (frozen and large: no copy); the
         # decoder is copied because it trains and may get a new head.
@@ -265,9 +263,8 @@ class CoTexNet(nn.Module):
 
     @property
     def config(self) -> dict:
-        return dict(num_classes=self.num_classes, roi_position=self.roi_position,
-                    clipseg_hf_api=self.clipseg_hf_api, freeze_encoder=self.freeze_encoder,
-                    freeze_decoder=self.freeze_decoder)
+        return dict(num_classes=self.num_classes, roi_position=self.roi_position, clipseg_hf_api=self.clipseg_hf_api,
+                    freeze_encoder=self.freeze_encoder, freeze_decoder=self.freeze_decoder)
 
     # --- vision -------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -327,10 +324,7 @@ class CoTexNet(nn.Module):
         hidden = text.final_layer_norm(hidden)
         # The pooling rule of transformers' CLIPSegTextModel: configs from before its eos fix
         # (eos id 2) pool at the highest id, the others at the first eos.
-        if text.eos_token_id == 2:
-            eos = input_ids.argmax(dim=-1)
-        else:
-            eos = (input_ids == text.eos_token_id).int().argmax(dim=-1)
+        eos = input_ids.argmax(-1) if text.eos_token_id == 2 else (input_ids == text.eos_token_id).int().argmax(-1)
         return self._for_trained_parts(
             self.clip.text_projection(hidden[torch.arange(hidden.shape[0], device=hidden.device), eos]))
 

@@ -98,8 +98,7 @@ def interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
 
 
 def in_child(flags: list, what: str, python: str = sys.executable, env: dict | None = None) -> dict | None:
-    """This script in a child process, `flags` naming its job: the JSON line it prints last, or None
-    (said on stderr) when it fails."""
+    """This script in a child process, `flags` naming its job: its last JSON line, or None when it fails."""
     done = subprocess.run([python, __file__, *map(str, flags)], capture_output=True, text=True, env=env)
     if done.returncode != 0:
         progress(f"{what}: child failed ({(done.stderr.strip().splitlines() or ['no output'])[-1]})")
@@ -173,8 +172,7 @@ class Segmentation:
 
 
 def training_step(model, kind: str, batch: dict):
-    """One training step: forward (image, ROI, prompt) under the configuration's autocast, loss,
-    backward, AdamW."""
+    """One training step: forward (image, ROI, prompt) under the configuration's autocast, AdamW."""
     from train_utils.losses import CoTexNetLoss
 
     criterion = CoTexNetLoss(2)
@@ -255,8 +253,7 @@ def check_same_function(seg: Segmentation, models: dict) -> list[str]:
     bf16's are within 1e-2 of fp32's (of the largest logit)."""
     b, notes = seg.batch, []
     with torch.no_grad():
-        models["fp32"].train()
-        ref = models["fp32"](b["pixel_values"], b["roi_pixel_values"], **prompt_of(b)).logits
+        ref = models["fp32"].train()(b["pixel_values"], b["roi_pixel_values"], **prompt_of(b)).logits
         if "paper" in models:
             like = models["paper"].train()(b["pixel_values"], b["roi_pixel_values"], **prompt_of(b)).logits
             notes.append(f"check: this code's training forward equals the paper-like one (max logit difference "
@@ -281,8 +278,7 @@ def time_training(seg: Segmentation, models: dict, args, extra_steps: dict) -> d
 
 
 def time_compiled_step(seg: Segmentation):
-    """The chosen configuration with torch.compile (TRAIN.compile): its step, and the seconds of
-    its first call (the compilation)."""
+    """The chosen configuration's step with torch.compile (TRAIN.compile), and its first call's seconds."""
     progress(f"torch.compile of the {seg.chosen} model's frozen encoder and decoder")
     model = seg.model(seg.chosen)
     model.compile_parts()
@@ -291,9 +287,8 @@ def time_compiled_step(seg: Segmentation):
 
 
 def time_evaluation(seg: Segmentation, models: dict, args) -> tuple[dict[str, list[float]], str]:
-    """Seconds per round of the evaluation forward of each configuration, of validation in the
-    chosen one (first epoch, then cached) and of the paper-like evaluation without and with
-    metrics; and the dtype the cache stores."""
+    """Seconds per round of each configuration's evaluation forward, of validation in the chosen one (first
+    epoch, then cached) and of the paper-like evaluation without and with metrics; the cache's dtype."""
     batches = [synthetic_batch(seg.tokenizer, args.batch, seg.size, seed=100 + i) for i in range(args.val_batches)]
     repeats = max(2, args.steps // 4)
     progress(f"evaluation and validation: {repeats} rounds over {len(batches) * args.batch} images")
@@ -310,15 +305,8 @@ def time_evaluation(seg: Segmentation, models: dict, args) -> tuple[dict[str, li
     return times, str(validation.cache.dtype).removeprefix("torch.")
 
 
-def checkpoint_mb(model) -> float:
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = model.save_pretrained(Path(tmp) / "ckpt")
-        return sum(f.stat().st_size for f in folder.iterdir()) / 1e6
-
-
 def rss_of_training(args) -> None:
-    """Child process: peak RSS (whole process, from its start) of `args.rss_of`'s training: the
-    model built as train.py builds it, then warm-up and two steps."""
+    """Child process: peak RSS (whole process) of `args.rss_of`'s training: warm-up and two steps."""
     seg = Segmentation(args)
     run = training_step(seg.model(args.rss_of), args.rss_of, seg.batch)
     for _ in range(args.warmup + 2):
@@ -388,7 +376,9 @@ def bench_segmentation(args) -> tuple[list[tuple], list[str]]:
     compiled = time_compiled_step(seg) if args.compile else None
     train = time_training(seg, models, args, {"compiled": compiled[0]} if compiled else {})
     evals, cache_dtype = time_evaluation(seg, models, args)
-    ckpt_mb = checkpoint_mb(models[seg.chosen])
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = models[seg.chosen].save_pretrained(Path(tmp) / "ckpt")
+        ckpt_mb = sum(f.stat().st_size for f in folder.iterdir()) / 1e6
     progress("peak RSS: one child process per configuration")
     rss = {kind: rss_in_child(args, kind) for kind in models}
     parameters = list(models["fp32"].parameters())

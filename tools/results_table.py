@@ -28,10 +28,9 @@ Printed as Markdown and written to --out (Markdown), with the CSV of every run b
 import argparse
 from pathlib import Path
 
-import pandas as pd
-
-from common.atomic import atomic_path, write_text
+from common.atomic import write_text
 from common.errors import CoTexNetError, run_cli
+from train_utils.reporting import write_csv
 from train_utils.run_results import (
     SEED_KEY,
     add_intervals,
@@ -81,11 +80,6 @@ def report(rows: list[dict], pooled: list[dict], run_keys: list[str], group_keys
     return "\n".join(text) + "\n"
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    with atomic_path(path) as tmp:
-        pd.DataFrame(rows).to_csv(tmp, index=False)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run folders (folders without config.yaml are skipped)")
@@ -115,8 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     table = report(rows, pooled, run_keys, group_keys, baseline, settings)
     out = Path(args.out)
     csv, seeds_csv = out.with_suffix(".csv"), out.with_name(f"{out.stem}_seeds.csv")
-    _write_csv(csv, rows)
-    _write_csv(seeds_csv, pooled)
+    write_csv(csv, rows)
+    write_csv(seeds_csv, pooled)
     write_text(out, table)
     print(table)
     print(f"{len(rows)} rows, {len(pooled)} pooled: {out}, {csv} and {seeds_csv}")

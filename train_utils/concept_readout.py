@@ -48,18 +48,13 @@ def kl_per_row(text_embedding: torch.Tensor, img_embedding: torch.Tensor) -> tor
     return (teacher.exp() * (teacher - student)).sum(-1)
 
 
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 class _Scorer:
     """KL of (image, sentence) pairs for a fixed set of images, in text batches of `batch_size`."""
 
     def __init__(self, model, tokenizer, pixel_values: torch.Tensor, masks: torch.Tensor, batch_size: int):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-        device = _device(model)
-        pixel_values = pixel_values.to(device)
-        masks = torch.as_tensor(masks).to(device).bool()
+        pixel_values = pixel_values.to(next(model.parameters()).device)
+        masks = torch.as_tensor(masks).to(pixel_values.device).bool()
         if masks.shape != pixel_values.shape[:1] + pixel_values.shape[2:]:
             raise CoTexNetError(f"predicted_masks: shape {tuple(masks.shape)} does not match images "
                                 f"{tuple(pixel_values.shape)} (need B,H,W)")
@@ -136,10 +131,8 @@ def readout(model, tokenizer, images: torch.Tensor, predicted_masks: torch.Tenso
     predicted_masks = torch.as_tensor(predicted_masks)  # numpy masks too
     widest = max(len(words) for words in dictionary.values())
     model.eval()
-    results: list[dict | None] = [None] * images.shape[0]
-    non_empty = [i for i in range(images.shape[0]) if bool(predicted_masks[i].any())]
-    for i in set(range(images.shape[0])) - set(non_empty):
-        results[i] = _empty(keyword)
+    results = [None if predicted_masks[i].any() else _empty(keyword) for i in range(images.shape[0])]
+    non_empty = [i for i, found in enumerate(results) if found is None]
     with torch.inference_mode(), tqdm(total=images.shape[0], desc="concept readout", unit="image",
                                       leave=False, disable=not progress) as bar:
         bar.update(images.shape[0] - len(non_empty))

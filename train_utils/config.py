@@ -241,14 +241,9 @@ def _validate(config: Config) -> None:
 
 # `--protocol paper`: every switch at the paper's value (README, "What differs from the paper's
 # code"); applied on top of the config file and the overrides.
-PAPER_PROTOCOL = {
-    "TRAIN.select_metric": "paper_dice",
-    "TRAIN.early_stopping": "paper",
-    "TRAIN.loss_input": "paper_probabilities",
-    "TRAIN.lr_schedule": "paper",
-    "TRAIN.global_batch": True,
-    "DATASET.binarize": "paper",
-}
+PAPER_PROTOCOL = {"TRAIN.select_metric": "paper_dice", "TRAIN.early_stopping": "paper",
+                  "TRAIN.loss_input": "paper_probabilities", "TRAIN.lr_schedule": "paper",
+                  "TRAIN.global_batch": True, "DATASET.binarize": "paper"}
 PROTOCOLS = ("ours", "paper")
 
 

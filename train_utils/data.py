@@ -132,9 +132,8 @@ def process_batch_size(cfg: Config, num_processes: int) -> int:
 
 def loader(cfg: Config, data, shuffle: bool = False, generator: torch.Generator | None = None,
            collate_fn=collate, num_processes: int = 1) -> DataLoader:
-    t = cfg.TRAIN
-    return DataLoader(data, batch_size=process_batch_size(cfg, num_processes), shuffle=shuffle, num_workers=t.num_workers,
-                      collate_fn=collate_fn, generator=generator,
+    return DataLoader(data, batch_size=process_batch_size(cfg, num_processes), shuffle=shuffle,
+                      num_workers=cfg.TRAIN.num_workers, collate_fn=collate_fn, generator=generator,
                       pin_memory=torch.cuda.is_available())
 
 

@@ -87,9 +87,8 @@ class _Originals:
         self.masks = dict(dataset.rows) if isinstance(dataset, SegDataset) else None  # image -> mask name
 
     def image(self, name: str):
-        if isinstance(self.dataset, data.ImageFiles):
-            return read_image(self.dataset.paths[name])
-        return read_image(self.dataset.folder / "images" / name)
+        d = self.dataset
+        return read_image(d.paths[name] if isinstance(d, data.ImageFiles) else d.folder / "images" / name)
 
     def truth(self, name: str, size) -> torch.Tensor | None:
         """The labels at (h, w) `size`; None for a dataset without masks."""

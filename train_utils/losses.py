@@ -45,8 +45,6 @@ class CoTexNetLoss(nn.Module):
         logits = output.logits.float()
         target = (label > 0).float() if self.num_classes == 2 else label
         seg = self.seg_loss(torch.sigmoid(logits) if self.paper else logits, target.unsqueeze(1))
-        if output.text_embedding is None:
-            kl = logits.new_zeros(())
-        else:
-            kl = distillation_kl(output.text_embedding, output.img_embedding)
+        kl = (logits.new_zeros(()) if output.text_embedding is None
+              else distillation_kl(output.text_embedding, output.img_embedding))
         return {"loss": self.seg_weight * seg + self.kl_weight * kl, "seg": seg, "kl": kl}

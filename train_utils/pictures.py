@@ -21,8 +21,7 @@ PANEL_HEIGHT = 160  # pixels of a gallery picture: a gallery of a thousand image
 
 def denormalize(pixel_values: torch.Tensor) -> np.ndarray:
     """A (3,H,W) tensor normalised by the transforms back to an HxWx3 uint8 RGB image."""
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    mean, std = (torch.tensor(values).view(3, 1, 1) for values in (IMAGENET_MEAN, IMAGENET_STD))
     image = (pixel_values.float().cpu() * std + mean).clamp(0, 1)
     return (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
@@ -41,8 +40,7 @@ def tint(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 def overlay(image: np.ndarray, truth: np.ndarray | None, pred: np.ndarray) -> np.ndarray:
     """HxWx3 uint8 RGB: image | truth | prediction (image | prediction when there is no truth)."""
-    panels = [image] + ([tint(image, truth)] if truth is not None else []) + [tint(image, pred)]
-    return np.hstack(panels)
+    return np.hstack([image] + ([tint(image, truth)] if truth is not None else []) + [tint(image, pred)])
 
 
 def write_overlay(path: str | Path, image: np.ndarray, truth: np.ndarray | None, pred: np.ndarray) -> None:

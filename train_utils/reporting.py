@@ -47,8 +47,7 @@ class EpochLog:
         axes[1].set_ylim(0, 1)
         axes[2].plot(log["epoch"], log["lr"], label="lr (end of epoch)")
         for ax, title in zip(axes, ("training losses", "validation", "learning rate"), strict=True):
-            ax.set_title(title)
-            ax.set_xlabel("epoch")
+            ax.set(title=title, xlabel="epoch")
             ax.legend()
             ax.grid(alpha=0.3)
         fig.tight_layout()

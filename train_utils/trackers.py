@@ -91,14 +91,12 @@ class Trackers:
     def log_images(self, images: dict[str, list[np.ndarray]], step: int) -> None:
         """Pictures (HxWx3 uint8 RGB) to the trackers that take images."""
         for tracker in self.trackers:
-            if not hasattr(tracker, "log_images"):
-                continue
             if tracker.name == "tensorboard":
                 for key, pictures in images.items():
                     for k, picture in enumerate(pictures):
                         tracker.tracker.add_image(f"{key}/{k}", picture, global_step=step, dataformats="HWC")
                 tracker.tracker.flush()
-            else:
+            elif hasattr(tracker, "log_images"):
                 tracker.log_images(images, step=step)
 
     def end(self) -> None:
