@@ -65,17 +65,20 @@ def temporary_beside(path: Path) -> Path:
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it to `path`, else delete it."""
-    path = Path(path)
-    with signals_deferred():  # a stop between creating the temporary and the `try` below would leave it
-        tmp = temporary_beside(path)
+    path, tmp = Path(path), None
     try:
+        # Created and named with Ctrl-C and SIGTERM held: a stop is raised when they are let go,
+        # inside this `try`, which then removes the temporary.
+        with signals_deferred():
+            tmp = temporary_beside(path)
         yield tmp
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
         raise CoTexNetError(f"{path}: could not be written ({err.strerror})") from err
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
 
 
@@ -116,9 +119,10 @@ def write_json(path: str | os.PathLike, obj) -> None:
 def create_exclusive(path: str | os.PathLike, data: bytes) -> bool:
     """Write `path` whole, only if no file is there: False when one is (another command's, even
     one written at the same instant). The content is complete before the name appears."""
-    path = Path(path)
-    tmp = temporary_beside(path)
+    path, tmp = Path(path), None
     try:
+        with signals_deferred():  # as in atomic_path
+            tmp = temporary_beside(path)
         tmp.write_bytes(data)
         os.link(tmp, path)  # fails if `path` exists: the exclusive step
         return True
@@ -127,4 +131,5 @@ def create_exclusive(path: str | os.PathLike, data: bytes) -> bool:
     except OSError as err:
         raise CoTexNetError(f"{path}: could not be written ({err.strerror})") from err
     finally:
-        tmp.unlink()
+        if tmp is not None:
+            tmp.unlink()

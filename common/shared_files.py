@@ -117,9 +117,9 @@ def publish(folder: str | os.PathLike, name: str, contents: dict[str, bytes | No
         for file, data in contents.items():
             staged[file] = None
             if data is not None:
-                tmp = temporary_beside(folder / file)
-                staged[file] = tmp.name
-                tmp.write_bytes(data)
+                with signals_deferred():  # recorded as soon as it exists, for the `finally` below
+                    staged[file] = temporary_beside(folder / file).name
+                (folder / staged[file]).write_bytes(data)
         stop_point(f"{name}:staged")
         with signals_deferred():
             write_json(_journal(folder, name), {"files": staged})

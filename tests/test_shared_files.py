@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
+from common import atomic, shared_files
 from common.errors import CoTexNetError
 from common.output_folders import OutputFolder
 from common.shared_files import finish_publish, taking_turns
@@ -181,3 +182,36 @@ def test_a_journal_nobody_can_finish_is_said(tmp_path):
     (tmp_path / "a.csv").write_text("old")
     finish_publish(tmp_path, "set", ["a.csv"])
     assert (tmp_path / "a.csv").read_text() == "new" and sorted(os.listdir(tmp_path)) == ["a.csv"]
+
+
+class Stopped(Exception):
+    pass
+
+
+@pytest.mark.parametrize("write", [
+    lambda folder: atomic.write_text(folder / "a.txt", "new"),
+    lambda folder: atomic.create_exclusive(folder / "a.txt", b"new"),
+    lambda folder: shared_files.publish(folder, "set", {"a.txt": b"new"}),
+], ids=["atomic_path", "create_exclusive", "publish"])
+def test_a_stop_that_arrives_while_a_temporary_is_made_leaves_none(tmp_path, monkeypatch, write):
+    """SIGTERM held while the temporary is created is raised the moment it is let go: the writer
+    must already know its temporary then, and remove it (a SIGTERM to augment_data.py left one)."""
+    made = atomic.temporary_beside
+
+    def made_then_stopped(path):
+        tmp = made(path)
+        os.kill(os.getpid(), signal.SIGTERM)  # pending until the writer lets signals through
+        return tmp
+
+    def stop(signum, frame):
+        raise Stopped
+
+    for module in (atomic, shared_files):
+        monkeypatch.setattr(module, "temporary_beside", made_then_stopped)
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        with pytest.raises(Stopped):
+            write(tmp_path)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
