@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from common.errors import CoTexNetError
+from common.output_folders import OutputFolder
 from data_process import layout
 from data_process.decoding import read_image, read_mask
 from data_process.pairing import image_stem, pair_files
@@ -222,6 +223,9 @@ def run(job: Job) -> Summary | None:
                             "batches every ROI itself and splits the model over --tensor-parallel N GPUs")
     keywords = named.categories or (named.keyword,)
     items = list_rois(dataset_dir, spec, keywords, job.img_format, job.mask_format)
+    # The CSV, its partial and settings files never go among what this command reads.
+    reads = [folder / sub for folder in layout.data_folders(dataset_dir) for sub in ("images", "masks", "ROIs")]
+    OutputFolder(out.parent, "--out", [*reads, *([model.location] if model and Path(model.location).is_dir() else [])])
     if state.is_main_process:
         start_output(out, recorded_settings(job, keywords, model), job.overwrite, EARLIER_DEFAULTS)
     state.wait_for_everyone()

@@ -21,6 +21,7 @@ import torch
 from transformers import CLIPSegForImageSegmentation
 
 from common.errors import CoTexNetError, run_cli
+from common.output_folders import OutputFolder
 from model.checkpoint import load_state
 from model.CoTexNet import ROI_POSITION, CoTexNet
 
@@ -158,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="use the frozen CLIP stored in the file instead of requiring it to equal --clipseg's "
                              "(writes a self-contained checkpoint)")
     args = parser.parse_args(argv)
+    OutputFolder(args.out, "--out", [args.clipseg] if Path(args.clipseg).is_dir() else [])  # never over the base
     model, meta = import_paper_checkpoint(args.pth, args.clipseg, args.trust_pickle, args.base_from_file,
                                           args.roi_position)
     extra = {"imported_from": str(Path(args.pth).resolve()), **meta}

@@ -1201,6 +1201,10 @@ def copies_made(ws: Path, result: dict) -> None:
     assert len(pd.read_csv(ws / "splits" / "train_augmented.csv")) == 4
 
 
+def clipseg_copy(ws: Path, b) -> None:
+    shutil.copytree(b.clipseg, ws / "clipseg")
+
+
 EVAL_ARGS = "--run {ws}/run --out {ws}/eval"
 SAFETY_CASES = [
     # inputs are never outputs ---------------------------------------------------------------------
@@ -1236,6 +1240,23 @@ SAFETY_CASES = [
                                                      "TRAIN.run_dir={ws}/data/synthetic/images")), "train.py",
          TRAIN_ARGS, 2, ("TRAIN.run_dir {ws}/data/synthetic/images: inside the input folder",),
          ("data/synthetic/images/r",)),
+    Case("inputs_text_out_is_an_input_image", both(dataset(rois=True), keep("ds/images/syn_0000.jpg")), "get_text.py",
+         "--dataset-name synthetic --dataset-path {ws}/ds --describer geometry --out {ws}/ds/images/syn_0000.jpg "
+         "--overwrite", 2, ("--out {ws}/ds/images: inside the input folder",),
+         check=untouched("ds/images/syn_0000.jpg")),
+    Case("inputs_text_out_in_the_rois_through_a_link", both(dataset(rois=True), symlink("link", "ds/ROIs")),
+         "get_text.py", "--dataset-name synthetic --dataset-path {ws}/ds --describer geometry --out {ws}/link/t.csv", 2,
+         ("--out {ws}/link: inside the input folder",), ("ds/ROIs/t.*", "ds/ROIs/.t.*")),
+    Case("inputs_export_over_its_checkpoint", both(run_copy(), keep("run/best/config.json")), "model.export",
+         "--checkpoint {ws}/run/best --out {ws}/run/best", 2, ("--out {ws}/run/best: inside the input folder",),
+         check=untouched("run/best/config.json")),
+    Case("inputs_export_into_the_clipseg_base", both(clipseg_copy, keep("clipseg/config.json")), "model.export",
+         "--checkpoint {run}/best --clipseg {ws}/clipseg --out {ws}/clipseg", 2,
+         ("--out {ws}/clipseg: inside the input folder",), check=untouched("clipseg/config.json")),
+    Case("inputs_import_into_the_clipseg_base", both(clipseg_copy, files(x__pth="a checkpoint"),
+                                                     keep("clipseg/config.json")), "model.paper_import",
+         "--pth {ws}/x.pth --clipseg {ws}/clipseg --out {ws}/clipseg/sub", 2,
+         ("--out {ws}/clipseg/sub: inside the input folder",), ("clipseg/sub",), check=untouched("clipseg/config.json")),
     # files that several commands write ------------------------------------------------------------
     Case("shared_interrupted_update_finished_by_the_next_reader", both(splits(lambda p: None), interrupted_update),
          "train.py", TRAIN_ARGS, 0, (), check=checks(run_finished, val_restored)),

@@ -260,6 +260,15 @@ def test_an_unknown_baseline_is_one_line(tmp_path):
         main([str(a), "--baseline", "zzz", "--out", str(tmp_path / "r.md")])
 
 
+@pytest.mark.parametrize("out", ["a/test_per_image.md", "a/sub/r.md"])
+def test_the_table_is_never_written_among_what_it_reads(tmp_path, out):
+    a = make_run(tmp_path, "a", test=[0.5, 0.7])
+    kept = (a / "test_per_image.csv").read_bytes()
+    result = run_script(REPO / "tools" / "results_table.py", a, "--out", tmp_path / out, check=False)
+    assert result.returncode == 2 and f"--out {(tmp_path / out).parent}: inside the input folder" in result.stderr
+    assert (a / "test_per_image.csv").read_bytes() == kept and not (tmp_path / out).exists()
+
+
 def test_no_run_with_metrics_is_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     result = run_script(REPO / "tools" / "results_table.py", tmp_path / "empty", "--out", tmp_path / "r.md", check=False)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from common.atomic import write_text
 from common.errors import CoTexNetError, run_cli
+from common.output_folders import OutputFolder
 from train_utils.reporting import write_csv
 from train_utils.run_results import (
     SEED_KEY,
@@ -100,6 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.baseline and baseline not in {Path(run).name for run in runs}:
         runs.append(args.baseline)
     evaluations, configs = collect(runs)
+    out = Path(args.out)
+    OutputFolder(out.parent, "--out", [run for run in runs if Path(run).name in configs])  # never among what it reads
     add_intervals(evaluations, settings)
     if baseline:
         compare_with(evaluations, baseline, args.intersect, settings)
@@ -107,7 +110,6 @@ def main(argv: list[str] | None = None) -> None:
     pooled, group_keys = pool_seeds(evaluations, configs)
 
     table = report(rows, pooled, run_keys, group_keys, baseline, settings)
-    out = Path(args.out)
     csv, seeds_csv = out.with_suffix(".csv"), out.with_name(f"{out.stem}_seeds.csv")
     write_csv(csv, rows)
     write_csv(seeds_csv, pooled)
