@@ -49,7 +49,8 @@ def image_metrics(pred: torch.Tensor, truth: torch.Tensor, num_classes: int, nam
     """
     names = names or class_names(num_classes)
     pred, truth = pred.long().cpu(), truth.long().cpu()
-    pred_1h, truth_1h = (F.one_hot(labels, num_classes).permute(0, 3, 1, 2).float() for labels in (pred, truth))
+    pred_1h = F.one_hot(pred, num_classes).permute(0, 3, 1, 2).float()
+    truth_1h = F.one_hot(truth, num_classes).permute(0, 3, 1, 2).float()
     dice = compute_dice(pred_1h, truth_1h, include_background=False, ignore_empty=False)
     iou = compute_iou(pred_1h, truth_1h, include_background=True, ignore_empty=False)
     if hd95 and HAS_SCIPY:
@@ -60,7 +61,8 @@ def image_metrics(pred: torch.Tensor, truth: torch.Tensor, num_classes: int, nam
     else:
         hd = torch.full_like(dice, torch.nan)
     accuracy = (pred == truth).float().mean((1, 2))
-    empty_pred, empty_truth = (one_hot[:, 1:].sum((2, 3)) == 0 for one_hot in (pred_1h, truth_1h))
+    empty_pred = pred_1h[:, 1:].sum((2, 3)) == 0
+    empty_truth = truth_1h[:, 1:].sum((2, 3)) == 0
     rows = []
     for i in range(pred.shape[0]):
         finite = hd[i][~torch.isnan(hd[i])]

@@ -21,7 +21,8 @@ PANEL_HEIGHT = 160  # pixels of a gallery picture: a gallery of a thousand image
 
 def denormalize(pixel_values: torch.Tensor) -> np.ndarray:
     """A (3,H,W) tensor normalised by the transforms back to an HxWx3 uint8 RGB image."""
-    mean, std = (torch.tensor(values).view(3, 1, 1) for values in (IMAGENET_MEAN, IMAGENET_STD))
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     image = (pixel_values.float().cpu() * std + mean).clamp(0, 1)
     return (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 

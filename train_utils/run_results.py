@@ -61,7 +61,10 @@ def flatten(config: dict, prefix: str = "") -> dict:
     """{"TRAIN": {"lr": 1}} -> {"TRAIN.lr": 1}."""
     flat = {}
     for key, value in config.items():
-        flat.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
     return flat
 
 
